@@ -1,0 +1,131 @@
+"""Process-group set-up and the collectives the algorithms use.
+
+``init`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and
+starts ``torch.distributed`` (nccl on CUDA, gloo on CPU); without those variables it is a plain
+single process. Every collective below is a no-op (or the identity) when there is one process, so
+algorithms with memory banks or clustering (ODC) run unchanged in one process, on CPU or one GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+from selfsup.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={device} but CUDA is not available (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use device=cpu or device=auto"
+            )
+        return torch.device(f"cuda:{local_rank}") if device == "cuda" else torch.device(device)
+    raise ConfigError(f"device={device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
+    """Start the process group if launched by torchrun (or SLURM via torchrun); pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **kwargs,
+        )
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+@torch.no_grad()
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0 (same shape on every rank); no gradient."""
+    if get_world_size() == 1:
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 with gradients flowing back to every rank.
+
+    The backward pass sums the incoming gradients over ranks (reduce-scatter), so with DDP's
+    gradient averaging a loss averaged over ranks gets exactly the single-process gradient of the
+    same global batch.
+    """
+    if get_world_size() == 1:
+        return tensor
+    return torch.cat(dist_nn.all_gather(tensor.contiguous()), dim=0)
+
+
+@torch.no_grad()
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``tensor`` on every rank with rank ``src``'s copy (in place)."""
+    if get_world_size() > 1:
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+@torch.no_grad()
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or average with op="mean") ``tensor`` over ranks, in place."""
+    if get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if op == "mean":
+            tensor /= get_world_size()
+    return tensor

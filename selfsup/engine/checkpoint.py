@@ -1,0 +1,131 @@
+"""Checkpoints: atomic writes, safe loads, RNG state, readable mismatch reports.
+
+A checkpoint is a dict of tensors and plain Python values only, so it loads with
+``torch.load(weights_only=True)`` (no pickled code runs when a user hands us a file)::
+
+    {"format": "selfsup-checkpoint", "version": 1, "epoch": int (epochs done), "step": int,
+     "model": state_dict (algorithm incl. its memory/queues), "optimizer": ..., "scheduler": ...,
+     "scaler": ... or None, "rng": {...}, "meta": {"algo": ..., "backbone": ..., ...},
+     "config": resolved config as YAML text}
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from selfsup.errors import CheckpointError
+
+FORMAT = "selfsup-checkpoint"
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``: a crash at
+    any moment leaves either the old complete file or the new complete file, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint on the CPU with ``weights_only=True``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass resume=<path to a .pt file> or resume=auto")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, or one that needs arbitrary unpickling
+        raise CheckpointError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a selfsup training checkpoint (no 'format: {FORMAT}' entry)")
+    return ckpt
+
+
+def find_last(run_dir: str | os.PathLike) -> Path | None:
+    last = Path(run_dir) / "last.pt"
+    return last if last.is_file() else None
+
+
+def _summarise(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def load_model_state(model: nn.Module, state: dict[str, Any], source: str) -> None:
+    """Strict load that reports every kind of mismatch in one line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_summarise(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_summarise(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches (checkpoint vs model): {_summarise(shapes, 3)}")
+        raise CheckpointError(
+            f"{source} holds another architecture than this run's model — "
+            + "; ".join(parts)
+            + ". Resume with the same algo/backbone/dataset options as the run that wrote it"
+        )
+    model.load_state_dict(state)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].copy()),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x: Any) -> Any:
+    """``random.setstate`` wants tuples; be tolerant of lists."""
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x

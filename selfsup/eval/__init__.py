@@ -1,0 +1,1 @@
+"""Evaluation of learned features (kNN monitor; linear/SVM/semi-supervised benchmarks later)."""

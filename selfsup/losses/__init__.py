@@ -1,0 +1,7 @@
+"""Losses: one small ``nn.Module`` each, with the formula and the paper in its docstring."""
+
+from selfsup.losses.mae_reconstruction import MAEReconstructionLoss
+from selfsup.losses.ntxent import NTXentLoss
+from selfsup.losses.weighted_ce import ClassWeightedCrossEntropy
+
+__all__ = ["ClassWeightedCrossEntropy", "MAEReconstructionLoss", "NTXentLoss"]
