@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 
 from selfsup.errors import ConfigError
 
@@ -101,16 +100,37 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 with gradients flowing back to every rank.
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice.
 
-    The backward pass sums the incoming gradients over ranks (reduce-scatter), so with DDP's
-    gradient averaging a loss averaged over ranks gets exactly the single-process gradient of the
-    same global batch.
+    torch has this as ``torch.distributed.nn.functional.all_gather`` (deprecated in 2.14) and as
+    private ``_functional_collectives`` helpers whose names change between releases; this uses
+    only the stable ``all_gather`` / ``all_reduce``, which every backend (nccl, gloo) supports.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.rank, ctx.n = dist.get_rank(), tensor.shape[0]
+        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, tensor.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 (same shape on every rank) with gradients flowing back to every rank.
+
+    The backward pass sums the incoming gradients over ranks, so with DDP's gradient averaging a
+    loss averaged over ranks gets exactly the single-process gradient of the same global batch.
     """
     if get_world_size() == 1:
         return tensor
-    return torch.cat(dist_nn.all_gather(tensor.contiguous()), dim=0)
+    return _GatherWithGrad.apply(tensor)
 
 
 @torch.no_grad()

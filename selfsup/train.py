@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 import selfsup.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
+from selfsup import distributed
 from selfsup.errors import SelfsupError
 
 EXIT_USER_ERROR = 2
@@ -90,6 +91,8 @@ def _task(cfg: DictConfig) -> float | None:
             raise
         report(err)
         raise SystemExit(EXIT_USER_ERROR) from None
+    finally:
+        distributed.shutdown()
     return result.final_loss
 
 

@@ -53,7 +53,7 @@ class LARS(Optimizer):
                     continue
                 g = p.grad
                 if group["lars_exclude"]:
-                    local_lr = torch.ones((), device=p.device)
+                    local_lr = torch.ones((), device=p.device, dtype=p.dtype)
                 else:
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
                     ratio = eta * w_norm / (g_norm + wd * w_norm + eps)

@@ -13,6 +13,15 @@ from selfsup.engine.lars import LARS
 from selfsup.errors import ConfigError
 
 
+def scaled_lr(base_lr: float, global_batch: int, base_batch_size: int, enabled: bool = True) -> float:
+    """Linear scaling rule (Goyal et al. 2017; MMSelfSup's ``new_lr = old_lr * new_ngpus / old_ngpus``):
+    ``lr = base_lr * global_batch / base_batch_size``, where global batch = per-device batch x world
+    size x gradient-accumulation steps. ``enabled=False`` returns ``base_lr`` unchanged."""
+    if base_batch_size < 1:
+        raise ConfigError(f"algo.optimizer.base_batch_size must be >= 1, got {base_batch_size}")
+    return base_lr * global_batch / base_batch_size if enabled else base_lr
+
+
 def param_groups(model: nn.Module, cfg: Mapping[str, Any], lr: float) -> list[dict[str, Any]]:
     """Group trainable parameters by their options.
 

@@ -6,6 +6,7 @@ Work directory = the Hydra run dir: ``config.yaml`` (resolved), ``train.log``, `
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -31,9 +33,9 @@ from selfsup.data.datasets import ImageDataset
 from selfsup.data.views import MultiViewDataset, Normalize, build_view_transform, expand_views
 from selfsup.engine import checkpoint as ckpt_io
 from selfsup.engine.logger import MetricLogger, Progress
-from selfsup.engine.optim import build_optimizer
+from selfsup.engine.optim import build_optimizer, scaled_lr
 from selfsup.engine.schedules import LRFactor
-from selfsup.errors import ConfigError, TrainingDiverged
+from selfsup.errors import ConfigError, SelfsupError, TrainingDiverged
 from selfsup.eval.features import extract_features
 from selfsup.eval.knn import knn_accuracy
 
@@ -47,17 +49,24 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def build(cfg: dict[str, Any], **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising our own one-line errors instead of Hydra's wrapper."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, SelfsupError):
+            raise e.__cause__ from None
+        raise
 
 
 def build_dataset(cfg: dict[str, Any], split: str) -> ImageDataset:
     """Instantiate ``cfg`` (the ``dataset`` node as a plain dict) for ``split``."""
-    kwargs = {k: v for k, v in cfg.items() if k != "hints"}
-    return instantiate(kwargs, split=split)
+    return build({k: v for k, v in cfg.items() if k != "hints"}, split=split)
 
 
 class SeededSampler(DistributedSampler):
@@ -106,6 +115,8 @@ class Trainer:
         self.env = distributed.init(c["device"], c["dist"]["backend"], c["dist"]["timeout_s"])
         self.device = self.env.device
         self.is_main = self.env.is_main
+        if not self.is_main:  # one copy of every message: rank 0 speaks, the others only warn
+            logging.getLogger().setLevel(logging.WARNING)
         self.seed = int(c["seed"])
         seed_everything(self.seed, c["deterministic"])
         sched, optim_cfg = c["schedule"], c["algo"]["optimizer"]
@@ -122,8 +133,8 @@ class Trainer:
         self.train_views = SeededViews(self.train_set, [build_view_transform(v) for v in self.view_specs])
 
         # ---- model
-        backbone = instantiate(c["backbone"])
-        self.algo: Algorithm = instantiate(c["algo"]["model"], backbone=backbone)
+        backbone = build(c["backbone"])
+        self.algo: Algorithm = build(c["algo"]["model"], backbone=backbone)
         if len(self.view_specs) != self.algo.num_views:
             raise ConfigError(
                 f"{type(self.algo).__name__} takes {self.algo.num_views} view(s) per image but algo.views "
@@ -149,9 +160,7 @@ class Trainer:
             raise ConfigError("schedule.batch_size and schedule.accumulate must be >= 1")
         self.global_batch = bs * ws * acc
         self.base_lr = float(optim_cfg["lr"])
-        self.lr = (
-            self.base_lr * self.global_batch / int(optim_cfg["base_batch_size"]) if sched["scale_lr"] else self.base_lr
-        )
+        self.lr = scaled_lr(self.base_lr, self.global_batch, int(optim_cfg["base_batch_size"]), sched["scale_lr"])
         fused = c["fused_optimizer"]
         if fused is None:
             fused = self.device.type == "cuda" and optim_cfg["name"] in ("sgd", "adamw")
@@ -186,7 +195,13 @@ class Trainer:
         self.model: nn.Module = self.algo
         if ws > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.algo, device_ids=ids, broadcast_buffers=False)
+            # memory banks and queues are kept identical by the algorithms' own collectives
+            buffers = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else {"broadcast_buffers": False}
+            )
+            self.model = DistributedDataParallel(self.algo, device_ids=ids, **buffers)
 
     # ------------------------------------------------------------------ set-up helpers
     def _resolve_precision(self, precision: str) -> str:
@@ -291,7 +306,7 @@ class Trainer:
                     "num_samples": len(self.train_set),
                     "world_size": self.env.world_size,
                     "global_batch": self.global_batch,
-                    "torch": torch.__version__,
+                    "torch": str(torch.__version__),
                 },
             }
             interval, keep = self.c["checkpoint"]["interval"], self.c["checkpoint"]["keep"]
@@ -401,7 +416,7 @@ class Trainer:
             extra = self.algo.after_step(self.step)
             step_in_epoch = (i + 1) // acc
             if self.step % interval == 0 or step_in_epoch == self.steps_per_epoch:
-                mean_loss = float(loss_sum) / window_micro
+                mean_loss = float(distributed.all_reduce_(loss_sum.clone(), "mean")) / window_micro
                 self._check_finite(mean_loss)
                 elapsed = time.perf_counter() - t_window
                 scalars = {
@@ -422,7 +437,7 @@ class Trainer:
                 progress.update(step_in_epoch)
         progress.close()
         epoch_sum += loss_sum
-        epoch_loss = float(epoch_sum) / micro_limit
+        epoch_loss = float(distributed.all_reduce_(epoch_sum, "mean")) / micro_limit
         self._check_finite(epoch_loss)
         return epoch_loss
 

@@ -1,0 +1,86 @@
+"""Shared test helpers: compose configs like the CLI does, run short trainings, real images."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+import selfsup.config  # noqa: F401  (registers the schemas)
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-train.tar.gz"
+
+# fast, CPU-only settings every test run starts from (tests add their own overrides after these)
+FAST = [
+    "device=cpu",
+    "loader.num_workers=0",
+    "log.tensorboard=false",
+    "log.progress=false",
+    "knn.batch_size=128",
+]
+
+
+def compose_cfg(overrides: list[str] | None = None, fast: bool = True) -> DictConfig:
+    """The config ``python -m selfsup.train <overrides>`` would get."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=(FAST if fast else []) + list(overrides or []))
+
+
+def tiny(algo: str, dataset: str = "fake") -> list[str]:
+    """Overrides for a seconds-long run of ``algo`` (small heads, 32 px) on ``dataset``."""
+    data = ["dataset=fake", "dataset.num_samples=64"] if dataset == "fake" else [f"dataset={dataset}"]
+    common = data + ["dataset.image_size=32", "schedule.batch_size=16", "schedule.epochs=1",
+                     "schedule.warmup_epochs=0"]
+    per_algo = {
+        "simclr": ["algo=simclr", "algo.model.hidden_dim=64", "algo.model.out_dim=32"],
+        "odc": ["algo=odc", "algo.model.num_clusters=4", "algo.model.min_cluster=2", "algo.model.hidden_dim=64",
+                "algo.model.feat_dim=32"],
+        "mae": ["algo=mae", "algo.model.decoder_dim=32", "algo.model.decoder_depth=1", "algo.model.decoder_heads=2",
+                "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2", "backbone.patch_size=8"],
+    }
+    return per_algo[algo] + ["backbone=resnet18"] * (algo != "mae") + common
+
+
+def run_training(overrides: list[str], run_dir: Path):
+    from selfsup.engine.trainer import Trainer
+
+    return Trainer(compose_cfg(overrides), run_dir).fit()
+
+
+@pytest.fixture(scope="session")
+def cifar_folder(tmp_path_factory) -> Path:
+    """30 real CIFAR-10 training JPEGs per class, extracted to a temporary class-folder tree."""
+    if not CIFAR_TAR.is_file():
+        pytest.skip(f"{CIFAR_TAR} not found (the shared CIFAR-10 JPEG archive)")
+    out = tmp_path_factory.mktemp("cifar")
+    per_class: dict[str, int] = {}
+    with tarfile.open(CIFAR_TAR, "r:gz") as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) != 4:
+                continue
+            cls = parts[2]
+            if per_class.get(cls, 0) >= 30:
+                continue
+            per_class[cls] = per_class.get(cls, 0) + 1
+            target = out / cls / parts[3]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(member) as src:  # type: ignore[union-attr]
+                target.write_bytes(src.read())
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _isolate_env(monkeypatch):
+    """No test depends on a GPU or on a torchrun environment of the machine running it."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("SELFSUP_TEST_CUDA", "-1"))

@@ -1,0 +1,364 @@
+"""Distributed code paths: 2 gloo processes on CPU against 1 process with the same global batch.
+
+The multi-process tests share one spawn of 2 ranks (``torch.multiprocessing``, gloo, 127.0.0.1, a free
+port) that runs every scenario and writes each rank's results to ``rank{r}.pt``; each test compares
+them with the same computation done here, in one process without a process group. The end-to-end
+tests launch ``torchrun --nproc-per-node 2 -m selfsup.train``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from selfsup import distributed
+from selfsup.algorithms.odc import ODCMemory
+from selfsup.data.datasets import FakeImages
+from selfsup.data.views import Normalize
+from selfsup.engine import checkpoint as ckpt_io
+from selfsup.eval.features import extract_features
+from selfsup.losses.ntxent import NTXentLoss
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD = 2
+SPAWN_TIMEOUT = 180  # covers the module fixture's 2-process run
+
+
+# ---------------------------------------------------------------------------------------------- harness
+# One 2-process run (module fixture) executes every scenario below in turn: starting 2 ranks costs ~10 s
+# of imports on 2 cores, the scenarios themselves well under a second each.
+Job = tuple[str, Callable[[int, Any], dict], Any]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, jobs: list[Job], out_dir: str) -> None:
+    """Spawned rank: torchrun-like environment -> selfsup.distributed.init -> each job -> rank{r}.pt."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        CUDA_VISIBLE_DEVICES="-1",
+    )
+    torch.set_num_threads(1)
+    env = distributed.init(device="cpu", backend="gloo", timeout_s=60)
+    try:
+        assert (env.rank, env.world_size, env.device.type) == (rank, world, "cpu")
+        results: dict[str, Any] = {}
+        for name, target, payload in jobs:
+            results[name] = target(rank, payload)
+            distributed.barrier()
+            torch.save(results, Path(out_dir) / f"rank{rank}.pt")  # partial results survive a later failure
+    finally:
+        distributed.shutdown()
+
+
+def _shard(t: torch.Tensor, rank: int) -> torch.Tensor:
+    n = len(t) // WORLD
+    return t[rank * n : (rank + 1) * n]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[list[dict], str | None]:
+    """Every scenario's per-rank results (index = rank), and the error of the 2-process run if any."""
+    jobs: list[Job] = [
+        ("ntxent", _ntxent_worker, _ntxent_payload()),
+        ("gather_grad", _gather_grad_worker, None),
+        ("odc", _odc_worker, _odc_payload()),
+        ("features", _features_worker, _features_weight()),
+    ]
+    out = tmp_path_factory.mktemp("ranks")
+    error = None
+    try:
+        mp.spawn(_entry, args=(WORLD, _free_port(), jobs, str(out)), nprocs=WORLD, join=True)
+    except Exception as e:  # reported by the tests whose scenario is missing
+        error = f"{type(e).__name__}: {e}"
+    files = [out / f"rank{r}.pt" for r in range(WORLD)]
+    return [torch.load(f, weights_only=False) if f.is_file() else {} for f in files], error
+
+
+def _results(two_ranks: tuple[list[dict], str | None], name: str) -> list[Any]:
+    results, error = two_ranks
+    if any(name not in r for r in results):
+        pytest.fail(f"the 2-process run did not complete scenario {name!r}:\n{error}")
+    return [r[name] for r in results]
+
+
+# ---------------------------------------------------------------------------------------------- NT-Xent
+def _ntxent_payload() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(6, 5)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(5, 6, generator=gen))
+        lin.bias.copy_(torch.randn(5, generator=gen))
+    x1, x2 = torch.randn(8, 6, generator=gen), torch.randn(8, 6, generator=gen)  # global batch N = 8, two views
+    return {"state": lin.state_dict(), "x1": x1, "x2": x2, "temperature": 0.5}
+
+
+def _ntxent_step(lin: nn.Module, p: dict, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    loss = NTXentLoss(temperature=p["temperature"])(lin(x1), lin(x2))
+    loss.backward()
+    return loss.detach()
+
+
+def _ntxent_worker(rank: int, p: dict) -> dict:
+    x1, x2 = _shard(p["x1"], rank), _shard(p["x2"], rank)
+    # what DDP does, by hand: local loss, backward, average the gradients over ranks
+    lin = nn.Linear(6, 5)
+    lin.load_state_dict(p["state"])
+    loss = _ntxent_step(lin, p, x1, x2)
+    grads = {n: distributed.all_reduce_(q.grad.clone(), op="mean") for n, q in lin.named_parameters()}
+    # and with DistributedDataParallel itself
+    ref = nn.Linear(6, 5)
+    ref.load_state_dict(p["state"])
+    ddp = nn.parallel.DistributedDataParallel(ref)
+    ddp_loss = _ntxent_step(ddp, p, x1, x2)
+    ddp_grads = {n: q.grad.clone() for n, q in ref.named_parameters()}
+    return {"loss": loss, "grads": grads, "ddp_loss": ddp_loss, "ddp_grads": ddp_grads}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SPAWN_TIMEOUT)
+def test_ntxent_two_ranks_match_one_process(two_ranks):
+    p = _ntxent_payload()
+    lin = nn.Linear(6, 5)
+    lin.load_state_dict(p["state"])
+    loss = _ntxent_step(lin, p, p["x1"], p["x2"])  # 1 process, whole batch
+    results = _results(two_ranks, "ntxent")
+
+    local = [r["loss"] for r in results]
+    assert not torch.allclose(local[0], local[1]), "the two ranks should see different anchors"
+    torch.testing.assert_close(torch.stack(local).mean(), loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack([r["ddp_loss"] for r in results]).mean(), loss, atol=1e-5, rtol=0)
+    for name, q in lin.named_parameters():
+        for r in results:
+            torch.testing.assert_close(r["grads"][name], q.grad, atol=1e-5, rtol=0)
+            torch.testing.assert_close(r["ddp_grads"][name], q.grad, atol=1e-5, rtol=0)
+
+
+def _gather_grad_weights(world: int) -> list[torch.Tensor]:
+    """Rank r's loss is sum(w_r * all_gather_with_grad(x_r)); w_r is known to every rank."""
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(world * 3, 4, generator=gen) for _ in range(world)]
+
+
+def _gather_grad_worker(rank: int, _: Any) -> dict:
+    x = (torch.arange(12, dtype=torch.float32).view(3, 4) + 100 * rank).requires_grad_()
+    gathered = distributed.all_gather_with_grad(x)
+    weights = _gather_grad_weights(distributed.get_world_size())
+    (weights[rank] * gathered).sum().backward()
+    return {"gathered": gathered.detach(), "grad": x.grad.clone()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SPAWN_TIMEOUT)
+def test_all_gather_with_grad_sums_gradients_over_ranks(two_ranks):
+    results = _results(two_ranks, "gather_grad")
+    weights = _gather_grad_weights(WORLD)
+    expected_gathered = torch.cat([torch.arange(12.0).view(3, 4) + 100 * r for r in range(WORLD)])
+    for rank, r in enumerate(results):
+        torch.testing.assert_close(r["gathered"], expected_gathered)
+        # d(sum_r' loss_r') / d x_rank = sum over r' of the rows of w_r' that hold x_rank
+        expected_grad = sum(w[rank * 3 : (rank + 1) * 3] for w in weights)
+        torch.testing.assert_close(r["grad"], expected_grad)
+
+
+# ---------------------------------------------------------------------------------------------- ODC memory
+N_MEM, DIM, K, MIN_CLUSTER = 24, 4, 4, 3
+
+
+def _odc_payload() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(N_MEM, DIM, generator=gen)
+    labels = torch.arange(N_MEM) % (K - 1)
+    labels[:2] = K - 1  # cluster K-1 has 2 < MIN_CLUSTER members: deal_with_small_clusters must refill it
+    index = torch.randperm(N_MEM, generator=gen)[:8]  # global batch of 8 distinct samples, 4 per rank
+    batch = 3 * torch.randn(8, DIM, generator=gen)
+    return {"features": features, "labels": labels, "index": index, "batch": batch}
+
+
+def _memory_state(mem: ODCMemory) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in mem.state_dict().items()}
+
+
+def _odc_sequence(p: dict, index: torch.Tensor, batch: torch.Tensor) -> dict:
+    """on_train_start's memory set-up, then one training step's memory updates, snapshotting each stage."""
+    mem = ODCMemory(N_MEM, DIM, K, momentum=0.5, min_cluster=MIN_CLUSTER)
+    mem.init_memory(p["features"], p["labels"])
+    out: dict[str, Any] = {"init": _memory_state(mem)}
+    out["refilled_init"] = mem.deal_with_small_clusters(seed=0)
+    out["small_init"] = _memory_state(mem)
+    out["change_ratio"] = mem.update_samples(index, batch)
+    out["update"] = _memory_state(mem)
+    mem.update_centroids()
+    out["centroids"] = _memory_state(mem)
+    out["refilled"] = mem.deal_with_small_clusters(seed=0)
+    out["small"] = _memory_state(mem)
+    mem.update_class_weight()
+    out["final"] = _memory_state(mem)
+    return out
+
+
+def _odc_worker(rank: int, p: dict) -> dict:
+    return _odc_sequence(p, _shard(p["index"], rank), _shard(p["batch"], rank))
+
+
+def _assert_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact or not a[k].is_floating_point():
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SPAWN_TIMEOUT)
+def test_odc_memory_two_ranks_match_one_process(two_ranks):
+    p = _odc_payload()
+    ref = _odc_sequence(p, p["index"], p["batch"])
+    assert ref["refilled_init"] == 1  # the small-cluster path is exercised
+    assert not torch.equal(ref["update"]["features"], ref["small_init"]["features"])
+    results = _results(two_ranks, "odc")
+    stages = ("init", "small_init", "update", "centroids", "small", "final")
+    for r in results:
+        assert r["refilled_init"] == ref["refilled_init"] and r["refilled"] == ref["refilled"]
+        torch.testing.assert_close(r["change_ratio"], ref["change_ratio"])
+        for stage in stages:
+            _assert_states(r[stage], ref[stage], exact=False)  # each rank == 1 process with the whole batch
+    for stage in stages:
+        _assert_states(results[0][stage], results[1][stage], exact=True)  # the ranks hold identical memories
+
+
+# ---------------------------------------------------------------------------------------------- extract_features
+SIZES = (10, 11)  # divisible by 2 and not (DistributedSampler pads 11 -> 12)
+
+
+def _feature_fn(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: x.flatten(1) @ weight
+
+
+def _extract(n: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    data = FakeImages(num_samples=n, num_classes=3, image_size=8)
+    norm = Normalize(data.mean, data.std, torch.device("cpu"))
+    return extract_features(_feature_fn(weight), data, norm, batch_size=4)
+
+
+def _features_weight() -> torch.Tensor:
+    return torch.randn(3 * 8 * 8, 5, generator=torch.Generator().manual_seed(0))
+
+
+def _features_worker(rank: int, weight: torch.Tensor) -> dict:
+    return {n: _extract(n, weight) for n in SIZES}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SPAWN_TIMEOUT)
+def test_extract_features_two_ranks_match_one_process(two_ranks):
+    weight = _features_weight()
+    results = _results(two_ranks, "features")
+    for n in SIZES:
+        feats, labels = _extract(n, weight)
+        data = FakeImages(num_samples=n, num_classes=3, image_size=8)
+        assert feats.shape == (n, 5)
+        assert torch.equal(labels, data.labels)
+        for r in results:
+            rf, rl = r[n]
+            assert rf.shape == (n, 5)
+            torch.testing.assert_close(rf, feats, atol=1e-4, rtol=1e-5)
+            assert torch.equal(rl, labels)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def test_rng_state_survives_pickle():
+    """Trainer._save all-gathers ``checkpoint.rng_state()`` with ``dist.all_gather_object`` (plain pickle)
+    when there are several processes. rng_state() stores numpy's MT19937 key as a torch.uint32 tensor,
+    which torch.save handles but plain pickle cannot load back, so every multi-process run crashed at
+    its first checkpoint."""
+    state = pickle.loads(pickle.dumps(ckpt_io.rng_state()))
+    ckpt_io.set_rng_state(state)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("algo", ["simclr", "odc"])
+def test_torchrun_two_processes_end_to_end(algo, tmp_path):
+    from conftest import tiny
+
+    run_dir = tmp_path / "run"
+    overrides = tiny(algo) + [
+        "device=cpu",
+        "loader.num_workers=0",
+        "log.tensorboard=false",
+        "log.progress=false",
+        "knn.enabled=false",
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD)]
+    cmd += ["--master-port", str(_free_port()), "-m", "selfsup.train", *overrides, f"hydra.run.dir={run_dir}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(CUDA_VISIBLE_DEVICES="-1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    assert (run_dir / "last.pt").is_file()
+    log = (run_dir / "train.log").read_text() + output
+    assert "| 2 process(es) on cpu |" in log
+    ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["meta"]["world_size"] == WORLD and ckpt["epoch"] == 1
+    assert len(ckpt["rng"]) == WORLD
+
+
+# ---------------------------------------------------------------------------------------------- world size 1
+def test_helpers_are_identities_in_one_process():
+    assert not torch.distributed.is_initialized()
+    assert distributed.get_rank() == 0 and distributed.get_world_size() == 1 and distributed.is_main_process()
+    distributed.barrier()
+    x = torch.randn(3, 2, requires_grad=True)
+    assert distributed.all_gather(x) is x
+    y = distributed.all_gather_with_grad(x)
+    assert y is x
+    (2 * y).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+    t = torch.arange(4.0)
+    for op in ("sum", "mean"):
+        assert distributed.all_reduce_(t, op=op) is t
+        assert torch.equal(t, torch.arange(4.0))
+    assert distributed.broadcast_(t, src=0) is t and torch.equal(t, torch.arange(4.0))
+    env = distributed.init(device="cpu")
+    assert (env.rank, env.world_size, env.local_rank, env.is_main) == (0, 1, 0, True)
+    assert env.device == torch.device("cpu") and not torch.distributed.is_initialized()
+
+
+def test_ntxent_one_process_equals_local_negatives_only():
+    """With one process, gathering is the identity: gather_distributed on/off give the same loss."""
+    gen = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    a = NTXentLoss(0.5, gather_distributed=True)(z1, z2)
+    b = NTXentLoss(0.5, gather_distributed=False)(z1, z2)
+    torch.testing.assert_close(a, b)
+    # and it is the textbook loss over 2N anchors with 2N - 2 negatives
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = z @ z.T / 0.5
+    sim.fill_diagonal_(float("-inf"))
+    pos = torch.cat([torch.arange(6, 12), torch.arange(6)])
+    torch.testing.assert_close(a, F.cross_entropy(sim, pos))
