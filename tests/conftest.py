@@ -37,14 +37,26 @@ def compose_cfg(overrides: list[str] | None = None, fast: bool = True) -> DictCo
 def tiny(algo: str, dataset: str = "fake") -> list[str]:
     """Overrides for a seconds-long run of ``algo`` (small heads, 32 px) on ``dataset``."""
     data = ["dataset=fake", "dataset.num_samples=64"] if dataset == "fake" else [f"dataset={dataset}"]
-    common = data + ["dataset.image_size=32", "schedule.batch_size=16", "schedule.epochs=1",
-                     "schedule.warmup_epochs=0"]
+    common = data + ["dataset.image_size=32", "schedule.batch_size=16", "schedule.epochs=1", "schedule.warmup_epochs=0"]
     per_algo = {
         "simclr": ["algo=simclr", "algo.model.hidden_dim=64", "algo.model.out_dim=32"],
-        "odc": ["algo=odc", "algo.model.num_clusters=4", "algo.model.min_cluster=2", "algo.model.hidden_dim=64",
-                "algo.model.feat_dim=32"],
-        "mae": ["algo=mae", "algo.model.decoder_dim=32", "algo.model.decoder_depth=1", "algo.model.decoder_heads=2",
-                "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2", "backbone.patch_size=8"],
+        "odc": [
+            "algo=odc",
+            "algo.model.num_clusters=4",
+            "algo.model.min_cluster=2",
+            "algo.model.hidden_dim=64",
+            "algo.model.feat_dim=32",
+        ],
+        "mae": [
+            "algo=mae",
+            "algo.model.decoder_dim=32",
+            "algo.model.decoder_depth=1",
+            "algo.model.decoder_heads=2",
+            "backbone.embed_dim=32",
+            "backbone.depth=2",
+            "backbone.num_heads=2",
+            "backbone.patch_size=8",
+        ],
     }
     return per_algo[algo] + ["backbone=resnet18"] * (algo != "mae") + common
 
