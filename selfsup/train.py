@@ -25,7 +25,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 import selfsup.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from selfsup import distributed
@@ -54,7 +54,11 @@ def user_error(exc: BaseException) -> BaseException | None:
 
 def one_line(exc: BaseException) -> str:
     """Collapse a (Hydra / OmegaConf / DataLoader-wrapped) message into one readable line."""
+    if isinstance(exc, MissingMandatoryValue) and getattr(exc, "full_key", None):
+        return f"{exc.full_key} is not set: pass {exc.full_key}=<value> on the command line"
     text = str(exc)
+    if isinstance(exc, HydraException) and isinstance(exc.__cause__, OmegaConfBaseException):
+        text += "\n" + str(exc.__cause__)  # e.g. "Could not override 'x'" + "Key 'x' not in 'Y'"
     if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the last line
         last = [line for line in text.splitlines() if line.strip()][-1]
         text = re.sub(r"^[\w.]+Error: ", "", last)

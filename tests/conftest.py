@@ -58,7 +58,8 @@ def tiny(algo: str, dataset: str = "fake") -> list[str]:
             "backbone.patch_size=8",
         ],
     }
-    return per_algo[algo] + ["backbone=resnet18"] * (algo != "mae") + common
+    resnet = ["backbone=resnet18", "backbone.stem=imagenet"]  # the 7x7/2 stem: ~10x faster at 32 px
+    return per_algo[algo] + resnet * (algo != "mae") + common
 
 
 def run_training(overrides: list[str], run_dir: Path):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONF, compose_cfg, run_training
 from hydra.errors import ConfigCompositionException, HydraException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from conftest import CONF, compose_cfg, run_training
 from selfsup.algorithms.base import Algorithm
 from selfsup.engine.trainer import build, build_dataset
 from selfsup.errors import ConfigError

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from selfsup import distributed
-from selfsup.algorithms.base import Algorithm
+from selfsup.algorithms.base import Algorithm, Batch
 from selfsup.data.datasets import ImageDataset
 from selfsup.data.views import MultiViewDataset, Normalize, build_view_transform, expand_views
 from selfsup.engine import checkpoint as ckpt_io
@@ -108,8 +108,8 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
+        c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True, throw_on_missing=True)
         self.cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-        c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         assert isinstance(c, dict)
         self.c = c
         self.env = distributed.init(c["device"], c["dist"]["backend"], c["dist"]["timeout_s"])
@@ -366,10 +366,39 @@ class Trainer:
                 "Lower algo.optimizer.lr, add schedule.warmup_epochs or schedule.clip_grad, or use precision=fp32"
             )
 
+    def to_device(self, batch: dict[str, Any]) -> Batch:
+        """A loader batch (uint8 views) -> a normalised batch on the device."""
+        return {
+            "views": [self.normalize(v) for v in batch["views"]],
+            "index": batch["index"].to(self.device, non_blocking=True),
+            "label": batch["label"].to(self.device, non_blocking=True),
+        }
+
+    def train_step(self, inputs: Batch, last_micro: bool = True) -> tuple[dict[str, Tensor], dict | None]:
+        """Forward + backward of one micro-batch; on the last micro-batch of an accumulation
+        window also the optimizer step, LR schedule and the algorithm's ``after_step`` hook.
+        Returns the algorithm's outputs and what ``after_step`` reported."""
+        acc = int(self.c["schedule"]["accumulate"])
+        ddp = isinstance(self.model, DistributedDataParallel)
+        with nullcontext() if last_micro or not ddp else self.model.no_sync():
+            with self.autocast():
+                out = self.model(inputs)
+            self.scaler.scale(out["loss"] / acc).backward()
+        if not last_micro:
+            return out, None
+        clip = self.c["schedule"]["clip_grad"]
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.algo.parameters(), float(clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return out, self.algo.after_step(self.step)
+
     def _train_epoch(self, logger: MetricLogger, progress: Progress) -> float:
-        c, acc = self.c, int(self.c["schedule"]["accumulate"])
-        interval = int(c["log"]["interval"])
-        clip = c["schedule"]["clip_grad"]
+        acc, interval = int(self.c["schedule"]["accumulate"]), int(self.c["log"]["interval"])
         self.model.train()
         progress.start(self.epoch, self.epochs, self.steps_per_epoch)
         loss_sum = torch.zeros((), device=self.device)
@@ -380,40 +409,17 @@ class Trainer:
         for i, batch in enumerate(self._loader(self.epoch)):
             if i >= micro_limit:
                 break
-            views = [self.normalize(v) for v in batch["views"]]
-            inputs = {
-                "views": views,
-                "index": batch["index"].to(self.device, non_blocking=True),
-                "label": batch["label"].to(self.device, non_blocking=True),
-            }
+            inputs = self.to_device(batch)
             last_micro = (i + 1) % acc == 0
-            sync = (
-                nullcontext()
-                if last_micro or not isinstance(self.model, DistributedDataParallel)
-                else self.model.no_sync()
-            )
-            with sync:
-                with self.autocast():
-                    out = self.model(inputs)
-                loss = out["loss"]
-                self.scaler.scale(loss / acc).backward()
-            loss_sum += loss.detach().float()
+            out, extra = self.train_step(inputs, last_micro)
+            loss_sum += out["loss"].detach().float()
             for k, v in out.items():
                 if k != "loss":
                     extra_sums[k] = extra_sums.get(k, torch.zeros((), device=self.device)) + v.detach().float()
-            seen += views[0].shape[0] * self.env.world_size
+            seen += inputs["views"][0].shape[0] * self.env.world_size
             window_micro += 1
             if not last_micro:
                 continue
-            if clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.algo.parameters(), float(clip))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            self.step += 1
-            extra = self.algo.after_step(self.step)
             step_in_epoch = (i + 1) // acc
             if self.step % interval == 0 or step_in_epoch == self.steps_per_epoch:
                 mean_loss = float(distributed.all_reduce_(loss_sum.clone(), "mean")) / window_micro
