@@ -1,0 +1,1 @@
+"""Command-line tools: benchmarks, (later) t-SNE, publishing, parameter counts."""
