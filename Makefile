@@ -1,0 +1,44 @@
+# selfsup — `make help` lists the targets. Everything runs inside .venv (created on first use).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-fast lint format bench-cpu clean
+
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install selfsup with the dev extras (pip install -e '.[dev]')
+
+train: $(STAMP) ## default pretraining (SimCLR, ResNet-18, digits, CPU minute); extra overrides: make train ARGS="algo=odc"
+	$(BIN)/python -m selfsup.train $(ARGS)
+
+test: $(STAMP) ## the whole test suite (CPU; about 6 min on 2 cores)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) ## the quick subset: pytest -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff lint + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## ruff autofix + format
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench-cpu: $(STAMP) ## training-step throughput of the default model on this CPU
+	$(BIN)/python -m selfsup.tools.benchmark_step --steps 10 --warmup 3 -- device=cpu $(ARGS)
+
+clean: ## remove run outputs (outputs/, multirun/) and caches; keeps .venv
+	rm -rf outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
