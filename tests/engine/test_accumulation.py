@@ -15,8 +15,14 @@ def _batch(trainer: Trainer, seed: int) -> dict:
 
 
 def test_two_micro_batches_make_one_step_with_the_mean_gradient(tmp_path):
-    overrides = tiny("simclr") + ["schedule.accumulate=2", "schedule.policy=constant", "algo.optimizer.name=sgd",
-                                  "algo.optimizer.momentum=0", "algo.optimizer.weight_decay=0", "knn.enabled=false"]
+    overrides = tiny("simclr") + [
+        "schedule.accumulate=2",
+        "schedule.policy=constant",
+        "algo.optimizer.name=sgd",
+        "algo.optimizer.momentum=0",
+        "algo.optimizer.weight_decay=0",
+        "knn.enabled=false",
+    ]
     trainer = Trainer(compose_cfg(overrides), tmp_path)
     assert trainer.steps_per_epoch == trainer.micro_per_epoch // 2 and trainer.global_batch == 32
     params = dict(trainer.algo.named_parameters())
