@@ -289,7 +289,7 @@ class LauncherConfig:
 
 @dataclass
 class LoaderConfig:
-    num_workers: int = 2
+    num_workers: int | None = None  # None = auto: 0 on the CPU, up to 8 per GPU process
     pin_memory: bool = True  # only used on CUDA
     persistent_workers: bool = True
     prefetch_factor: int = 2

@@ -42,7 +42,7 @@ def test_defaults():
     assert cfg.algo.model._target_.endswith("SimCLR")
     assert cfg.backbone.arch == "resnet18"
     assert cfg.dataset._target_.endswith("Digits")
-    assert cfg.schedule.epochs == 8 and cfg.launcher.name == "local"
+    assert cfg.schedule.epochs == 7 and cfg.launcher.name == "local"
     assert cfg.device == "auto" and cfg.resume is None and cfg.deterministic is False
 
 

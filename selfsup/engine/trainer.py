@@ -153,6 +153,7 @@ class Trainer:
         if channels_last:
             self.algo.to(memory_format=torch.channels_last)
         self.normalize = Normalize(self.train_set.mean, self.train_set.std, self.device, channels_last)
+        self.num_workers = self._resolve_workers(c["loader"]["num_workers"])
 
         # ---- optimisation
         ws, bs, acc = self.env.world_size, int(sched["batch_size"]), int(sched["accumulate"])
@@ -211,6 +212,18 @@ class Trainer:
             raise ConfigError("precision=fp16 needs a CUDA device; use precision=bf16 or fp32 on the CPU")
         return precision
 
+    def _resolve_workers(self, workers: int | None) -> int:
+        """Loader processes per rank: as configured, or 0 on the CPU (the CPU is busy computing)
+        and min(8, cores per local process - 1) on a GPU."""
+        if workers is not None:
+            if workers < 0:
+                raise ConfigError(f"loader.num_workers must be >= 0 or null (auto), got {workers}")
+            return int(workers)
+        if self.device.type == "cpu":
+            return 0
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return max(1, min(8, (os.cpu_count() or 2) // local - 1))
+
     def autocast(self) -> Any:
         if self.precision == "fp32":
             return nullcontext()
@@ -262,7 +275,7 @@ class Trainer:
                 dataset,
                 self.normalize,
                 batch_size=self.c["knn"]["batch_size"],
-                num_workers=min(self.c["loader"]["num_workers"], 2),
+                num_workers=min(self.num_workers, 2),
                 autocast=self.autocast,
             )
         finally:
@@ -344,7 +357,7 @@ class Trainer:
         )
         sampler.set_epoch(epoch)
         lc = self.c["loader"]
-        workers = int(lc["num_workers"])
+        workers = self.num_workers
         return DataLoader(
             self.train_views,
             batch_size=int(self.c["schedule"]["batch_size"]),
