@@ -22,7 +22,7 @@ install: $(STAMP) ## create .venv and install selfsup with the dev extras (pip i
 train: $(STAMP) ## default pretraining (SimCLR, ResNet-18, digits, CPU minute); extra overrides: make train ARGS="algo=odc"
 	$(BIN)/python -m selfsup.train $(ARGS)
 
-test: $(STAMP) ## the whole test suite (CPU; about 6 min on 2 cores)
+test: $(STAMP) ## the whole test suite (CPU; about 3.5 min on 2 cores)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP) ## the quick subset: pytest -m "not slow"

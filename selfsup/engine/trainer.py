@@ -141,6 +141,8 @@ class Trainer:
                 f"declares {len(self.view_specs)}; fix the views' copies"
             )
         self.algo.setup(len(self.train_set))
+        if self.env.world_size > 1:  # same initial weights everywhere, different masks/dropout per rank
+            seed_everything(self.seed + self.env.rank, c["deterministic"])
         self.precision = self._resolve_precision(c["precision"])
         if c["sync_bn"]:
             if self.env.world_size > 1:
