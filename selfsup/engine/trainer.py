@@ -145,8 +145,10 @@ class Trainer:
             seed_everything(self.seed + self.env.rank, c["deterministic"])
         self.precision = self._resolve_precision(c["precision"])
         if c["sync_bn"]:
-            if self.env.world_size > 1:
+            if self.env.world_size > 1 and self.device.type == "cuda":
                 self.algo = nn.SyncBatchNorm.convert_sync_batchnorm(self.algo)
+            elif self.env.world_size > 1:
+                log.warning("sync_bn=true: torch has SyncBatchNorm on CUDA only; using per-process BatchNorm")
             else:
                 log.info("sync_bn=true has no effect in a single process (plain BatchNorm is used)")
         self.algo.to(self.device)
