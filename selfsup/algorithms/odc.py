@@ -202,9 +202,6 @@ class ODC(Algorithm):
             )
         self.memory = ODCMemory(num_samples, self.feat_dim, k, self.memory_momentum, self.min_cluster)
 
-    def compile_targets(self) -> list[nn.Module]:
-        return [self.backbone]
-
     @torch.no_grad()
     def on_train_start(self, ctx: TrainContext) -> None:
         memory = self._memory()

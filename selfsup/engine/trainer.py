@@ -266,9 +266,9 @@ class Trainer:
         log.info("resumed from %s (epoch %d, step %d)", path, self.epoch, self.step)
 
     # ------------------------------------------------------------------ evaluation
-    def extract_features(self, fn: Callable[[Tensor], Tensor], dataset: ImageDataset | None = None) -> Tensor:
-        """TrainContext service: ``fn`` over the whole (training) set in eval mode."""
-        return self._extract(fn, dataset or self.train_set)[0]
+    def extract_features(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """TrainContext service: ``fn`` over the whole training set in eval mode."""
+        return self._extract(fn, self.train_set)[0]
 
     def _extract(self, fn: Callable[[Tensor], Tensor], dataset: ImageDataset) -> tuple[Tensor, Tensor]:
         was_training = self.algo.training

@@ -145,3 +145,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert "last good checkpoint is" in str(e.value) and "last.pt" in str(e.value)
     assert ckpt_io.load(tmp_path / "last.pt")["epoch"] == 1
     assert not (tmp_path / "epoch_0002.pt").exists()
+
+
+def test_checkpoint_interval_and_keep(tmp_path):
+    """epoch_NNNN.pt every `interval` epochs (and at the end), only the newest `keep`; last.pt is a
+    hard link to the newest one, not a second copy."""
+    run_training(
+        tiny("mae") + ["schedule.epochs=3", "checkpoint.interval=1", "checkpoint.keep=2", "knn.enabled=false"],
+        tmp_path / "keep",
+    )
+    assert sorted(p.name for p in (tmp_path / "keep").glob("epoch_*.pt")) == ["epoch_0002.pt", "epoch_0003.pt"]
+    assert (tmp_path / "keep" / "last.pt").stat().st_ino == (tmp_path / "keep" / "epoch_0003.pt").stat().st_ino
+    run_training(
+        tiny("mae") + ["schedule.epochs=3", "checkpoint.interval=2", "knn.enabled=false"], tmp_path / "interval"
+    )
+    assert sorted(p.name for p in (tmp_path / "interval").glob("epoch_*.pt")) == ["epoch_0002.pt", "epoch_0003.pt"]
+    assert ckpt_io.load(tmp_path / "interval" / "last.pt")["epoch"] == 3
