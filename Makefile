@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format bench-cpu clean
+.PHONY: help install train test test-fast mutants lint format bench-cpu clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ test: $(STAMP) ## the whole test suite (CPU; about 3.5 min on 2 cores)
 
 test-fast: $(STAMP) ## the quick subset: pytest -m "not slow"
 	$(BIN)/python -m pytest -q -m "not slow"
+
+mutants: $(STAMP) ## plant known bugs in a copy of the repo, one at a time: the tests guarding each must fail (ARGS="mae lr" picks some)
+	$(BIN)/python tests/mutants.py $(ARGS)
 
 lint: $(STAMP) ## ruff lint + format check
 	$(BIN)/ruff check .

@@ -72,7 +72,10 @@ def run_training(overrides: list[str], run_dir: Path):
 def cifar_folder(tmp_path_factory) -> Path:
     """30 real CIFAR-10 training JPEGs per class, extracted to a temporary class-folder tree."""
     if not CIFAR_TAR.is_file():
-        pytest.skip(f"{CIFAR_TAR} not found (the shared CIFAR-10 JPEG archive)")
+        message = f"{CIFAR_TAR} not found (the shared CIFAR-10 JPEG archive)"
+        if os.environ.get("SELFSUP_REQUIRE_SHARED_DATA") == "1":  # set by .ci/run: CI must test on real images
+            pytest.fail(message + "; SELFSUP_REQUIRE_SHARED_DATA=1 makes this a failure")
+        pytest.skip(message)
     out = tmp_path_factory.mktemp("cifar")
     per_class: dict[str, int] = {}
     with tarfile.open(CIFAR_TAR, "r:gz") as tar:

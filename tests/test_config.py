@@ -3,6 +3,8 @@ typed schemas reject misspelt keys, wrong types and unknown options while compos
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, HydraException
@@ -36,9 +38,16 @@ def test_every_group_has_its_options():
 
 
 def test_defaults():
-    cfg = compose_cfg(fast=False)
-    choices = {g: OmegaConf.select(cfg, f"{g}") for g in GROUPS}
-    assert all(v is not None for v in choices.values())
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    expected = {"algo": "simclr", "backbone": "resnet18", "dataset": "digits", "schedule": "cpu", "launcher": "local"}
+    assert {g: choices[g] for g in GROUPS} == expected
+    assert choices["algo_dataset"] == "simclr_digits" and choices["experiment"] is None
     assert cfg.algo.model._target_.endswith("SimCLR")
     assert cfg.backbone.arch == "resnet18"
     assert cfg.dataset._target_.endswith("Digits")
@@ -77,8 +86,10 @@ def test_resnet_stem_follows_the_dataset_unless_overridden():
 
 
 @pytest.mark.parametrize("dataset", options("dataset"))
-def test_every_dataset_composes_and_instantiates(dataset, cifar_folder):
+def test_every_dataset_composes_and_instantiates(dataset, request):
     overrides = [f"dataset={dataset}"]
+    # only the datasets read from disk need the CIFAR-10 JPEG archive
+    cifar_folder = request.getfixturevalue("cifar_folder") if dataset in ("imagefolder", "cifar10") else None
     if dataset == "imagefolder":
         overrides.append(f"dataset.root={cifar_folder}")
     cfg = compose_cfg(overrides)
@@ -99,10 +110,17 @@ def test_required_roots_are_missing_until_given():
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
+SCHEDULES = {  # (policy, epochs, warm-up epochs)
+    "cosine": ("cosine", 200, 10),
+    "cpu": ("cosine", 7, 1),
+    "step": ("step", 440, 0),
+}
+
+
 @pytest.mark.parametrize("schedule", options("schedule"))
 def test_every_schedule_composes(schedule):
-    cfg = compose_cfg([f"schedule={schedule}"])
-    assert cfg.schedule.policy in ("cosine", "step", "constant")
+    s = compose_cfg([f"schedule={schedule}"]).schedule
+    assert (s.policy, s.epochs, s.warmup_epochs) == SCHEDULES[schedule]
 
 
 def test_step_schedule_is_mmselfsup_odc_steplr():
@@ -173,7 +191,10 @@ def test_experiment_overlay_trains_a_step(name, tmp_path):
     if name.startswith("odc"):
         overrides += ["algo.model.num_clusters=2", "algo.model.min_cluster=1"]
     result = run_training(overrides, tmp_path)
-    assert result.steps == 2 and result.final_loss is not None and result.last_checkpoint.is_file()
+    assert result.steps == 2 and math.isfinite(result.final_loss) and result.last_checkpoint.is_file()
+    ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    assert ckpt["meta"]["algo"] == EXPECTED[name]["target"]
+    assert ckpt["config"] == (tmp_path / "config.yaml").read_text()
 
 
 # ---------------------------------------------------------------- (algo, dataset) specialisations

@@ -12,6 +12,7 @@ labelled held-out split (the kNN queries), empty when there is none.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,9 +43,21 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         return idx, idx[:0]
     if not 0 < val_fraction < 1:
         raise ConfigError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")
+    n, n_val = len(labels), math.ceil(val_fraction * len(labels))  # scikit-learn rounds the held-out part up
+    if n_val >= n:
+        raise ConfigError(
+            f"dataset.val_fraction={val_fraction} holds out {n_val} of the {n} images and leaves none to train on; "
+            "lower dataset.val_fraction"
+        )
     from sklearn.model_selection import train_test_split
 
-    train, val = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=labels)
+    try:
+        train, val = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=labels)
+    except ValueError as e:  # e.g. fewer held-out images than classes
+        raise ConfigError(
+            f"cannot hold out a class-stratified dataset.val_fraction={val_fraction} of {n} images in "
+            f"{len(np.unique(labels))} classes ({e}); change dataset.val_fraction, or set it to 0 for no kNN split"
+        ) from None
     return np.sort(train), np.sort(val)
 
 

@@ -38,6 +38,7 @@ from selfsup.engine.schedules import LRFactor
 from selfsup.errors import ConfigError, SelfsupError, TrainingDiverged
 from selfsup.eval.features import extract_features
 from selfsup.eval.knn import knn_accuracy
+from selfsup.models.sync_batchnorm import convert_sync_batchnorm
 
 log = logging.getLogger("selfsup")
 
@@ -145,10 +146,8 @@ class Trainer:
             seed_everything(self.seed + self.env.rank, c["deterministic"])
         self.precision = self._resolve_precision(c["precision"])
         if c["sync_bn"]:
-            if self.env.world_size > 1 and self.device.type == "cuda":
-                self.algo = nn.SyncBatchNorm.convert_sync_batchnorm(self.algo)
-            elif self.env.world_size > 1:
-                log.warning("sync_bn=true: torch has SyncBatchNorm on CUDA only; using per-process BatchNorm")
+            if self.env.world_size > 1:  # torch's kernels on CUDA, all-gathered statistics on CPU (gloo)
+                self.algo = convert_sync_batchnorm(self.algo, self.device)
             else:
                 log.info("sync_bn=true has no effect in a single process (plain BatchNorm is used)")
         self.algo.to(self.device)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from references import mae_reference
 from selfsup.algorithms.mae import patchify, random_masking, unpatchify
 
 
@@ -112,3 +113,31 @@ def test_random_masking_is_seeded():
     b = random_masking(tokens, 0.5)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y)
+
+
+def _tiny_mae(norm_pix: bool = True):
+    from selfsup.algorithms.mae import MAE
+    from selfsup.models.vit import VisionTransformer
+
+    torch.manual_seed(4)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    return MAE(vit, mask_ratio=0.75, decoder_dim=32, decoder_depth=1, decoder_heads=2, norm_pix_loss=norm_pix)
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_forward_loss_is_on_the_masked_patches_only(norm_pix):
+    """MAE.forward's loss = the reference MSE over the patches its mask removed (not over all patches),
+    with the prediction and mask that ``reconstruct`` gives for the same random state."""
+    mae = _tiny_mae(norm_pix)
+    x = torch.randn(3, 3, 16, 16)
+    torch.manual_seed(5)
+    loss = mae({"views": [x], "index": torch.arange(3), "label": torch.zeros(3, dtype=torch.long)})["loss"]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        pred, mask = mae.reconstruct(x)
+    target = patchify(x, 4).numpy()
+    assert mask.sum().item() == 3 * 12  # 75% of 16 patches per image
+    expected = mae_reference(pred.numpy(), target, mask.numpy(), norm_pix)
+    all_patches = mae_reference(pred.numpy(), target, np.ones_like(mask.numpy()), norm_pix)
+    assert abs(expected - all_patches) > 1e-3  # the kept patches change the value: the check can fail
+    assert loss.item() == pytest.approx(expected, rel=1e-5)

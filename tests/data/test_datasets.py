@@ -50,8 +50,16 @@ def test_stratified_split_zero_and_invalid_fraction():
     labels = np.repeat(np.arange(2), 5)
     train, val = stratified_split(labels, 0.0, seed=0)
     assert len(train) == 10 and len(val) == 0
-    with pytest.raises(ConfigError, match="val_fraction"):
+    with pytest.raises(ConfigError, match=r"dataset.val_fraction must be in \[0, 1\), got 1.0"):
         stratified_split(labels, 1.0, seed=0)
+
+
+def test_stratified_split_that_leaves_nothing_to_train_on():
+    labels = np.repeat(np.arange(2), 5)
+    with pytest.raises(ConfigError, match="holds out 10 of the 10 images and leaves none to train on"):
+        stratified_split(labels, 0.95, seed=0)
+    with pytest.raises(ConfigError, match="cannot hold out a class-stratified dataset.val_fraction=0.1 of 10 images"):
+        stratified_split(labels, 0.1, seed=0)  # 1 held-out image cannot represent 2 classes
 
 
 # ------------------------------------------------------------------------------------ Digits
@@ -218,9 +226,9 @@ def test_imagefolder_only_non_images(tmp_path):
         ImageFolder(str(tmp_path))
 
 
-def test_imagefolder_bad_on_bad_image_value(cifar_folder):
-    with pytest.raises(ConfigError, match="on_bad_image"):
-        ImageFolder(str(cifar_folder), on_bad_image="ignore")
+def test_imagefolder_bad_on_bad_image_value(tmp_path):
+    with pytest.raises(ConfigError, match="dataset.on_bad_image='ignore' must be 'skip' or 'error'"):
+        ImageFolder(str(tmp_path), on_bad_image="ignore")
 
 
 @pytest.fixture

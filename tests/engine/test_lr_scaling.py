@@ -19,7 +19,7 @@ def test_scaled_lr_formula():
     assert scaled_lr(0.3, 512, 256) == pytest.approx(0.6)  # MMSelfSup simclr 8xb64: lr 0.6
     assert scaled_lr(1.5e-4, 4096, 256) == pytest.approx(2.4e-3)  # MAE: blr x 4096 / 256
     assert scaled_lr(0.3, 4096, 256, enabled=False) == 0.3
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="base_batch_size must be >= 1, got 0"):
         scaled_lr(0.1, 64, 0)
 
 

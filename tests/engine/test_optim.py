@@ -134,7 +134,7 @@ def test_paramwise_multiple_keys_compose_and_lars_exclude():
 
 def test_param_groups_no_trainable_params():
     model = nn.Linear(2, 2).requires_grad_(False)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="no trainable parameters"):
         param_groups(model, opt_cfg(), lr=0.1)
 
 
@@ -169,7 +169,7 @@ def test_build_lars():
 
 
 def test_build_unknown_optimizer():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="algo.optimizer.name='rmsprop' must be sgd, adamw or lars"):
         build_optimizer(Toy(), opt_cfg(name="rmsprop"), lr=0.1)
 
 
@@ -279,7 +279,7 @@ def test_lars_closure_returns_loss():
 @pytest.mark.parametrize("kw", [{"lr": -1.0}, {"momentum": -0.1}, {"weight_decay": -1e-4}, {"eta": 0.0}])
 def test_lars_invalid_args(kw):
     args = {"lr": 0.1, **kw}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid LARS arguments"):
         LARS([nn.Parameter(torch.ones(2))], **args)
 
 
@@ -330,16 +330,16 @@ def test_constant_policy():
 
 
 @pytest.mark.parametrize(
-    "kw",
+    "kw, match",
     [
-        {"policy": "linear", "total_steps": 10},
-        {"policy": "cosine", "total_steps": 0},
-        {"policy": "cosine", "total_steps": 10, "warmup_steps": 11},
-        {"policy": "cosine", "total_steps": 10, "warmup_steps": -1},
+        ({"policy": "linear", "total_steps": 10}, "schedule.policy='linear' must be cosine, step or constant"),
+        ({"policy": "cosine", "total_steps": 0}, "the schedule has no steps"),
+        ({"policy": "cosine", "total_steps": 10, "warmup_steps": 11}, r"warm-up \(11 steps\) is longer"),
+        ({"policy": "cosine", "total_steps": 10, "warmup_steps": -1}, r"warm-up \(-1 steps\)"),
     ],
 )
-def test_invalid_lr_factor(kw):
-    with pytest.raises(ConfigError):
+def test_invalid_lr_factor(kw, match):
+    with pytest.raises(ConfigError, match=match):
         LRFactor(**kw)
 
 

@@ -101,7 +101,7 @@ def test_k_larger_than_bank_is_clamped():
 
 def test_invalid_k():
     q, _, bank, labels = _data(10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
         knn_scores(_t(q), _t(bank), torch.tensor(labels), 10, k=0)
 
 

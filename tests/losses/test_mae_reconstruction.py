@@ -6,24 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from references import mae_reference
 from selfsup.losses import MAEReconstructionLoss
-
-
-def mae_reference(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, norm_pix: bool, eps: float = 1e-6) -> float:
-    """Per-patch loops: normalise the target (unbiased var), MSE over pixels, mask-weighted mean."""
-    b, n, p = pred.shape
-    num, den = 0.0, 0.0
-    for i in range(b):
-        for j in range(n):
-            t = target[i, j].astype(np.float64)
-            if norm_pix:
-                mean = t.sum() / p
-                var = ((t - mean) ** 2).sum() / (p - 1)
-                t = (t - mean) / np.sqrt(var + eps)
-            mse = sum((float(pred[i, j, k]) - float(t[k])) ** 2 for k in range(p)) / p
-            num += mask[i, j] * mse
-            den += mask[i, j]
-    return num / den
 
 
 def _data(seed, b=2, n=6, p=12):
@@ -94,28 +78,47 @@ def test_gradient_only_on_masked_patches():
     assert (g[mask == 1] > 0).all()
 
 
-def test_bool_mask_and_bf16_autocast():
+def test_bool_mask():
     pred, target, mask = _data(8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = MAEReconstructionLoss()(_t(pred), _t(target), torch.tensor(mask.astype(bool)))
-    assert loss.dtype == torch.float32
+    loss = MAEReconstructionLoss()(_t(pred), _t(target), torch.tensor(mask.astype(bool)))
     assert loss.item() == pytest.approx(mae_reference(pred, target, mask, True), rel=1e-5)
 
 
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_loss_under_bf16_autocast_is_computed_in_fp32(norm_pix):
+    """The decoder's prediction comes out of a matmul under autocast (bf16); the loss upcasts it and
+    equals the float64 reference on that prediction to ~1e-6, not to bf16's ~1e-2."""
+    pred, target, mask = _data(9, b=4, n=16, p=48)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred_bf16 = lin(_t(pred))
+        assert pred_bf16.dtype == torch.bfloat16
+        loss = MAEReconstructionLoss(norm_pix=norm_pix)(pred_bf16, _t(target), _t(mask))
+    assert loss.dtype == torch.float32
+    expected = mae_reference(pred_bf16.double().detach().numpy(), target, mask, norm_pix)
+    assert loss.item() == pytest.approx(expected, rel=2e-6)
+    t = _t(target).bfloat16()  # the same computation in bf16 throughout
+    if norm_pix:
+        t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
+    unguarded = (((pred_bf16.detach() - t) ** 2).mean(-1) * _t(mask).bfloat16()).sum() / _t(mask).sum()
+    assert abs(unguarded.item() - expected) > 50 * 2e-6 * expected
+
+
 @pytest.mark.parametrize(
-    ("ps", "ts", "ms"),
+    ("ps", "ts", "ms", "match"),
     [
-        ((2, 6, 12), (2, 6, 11), (2, 6)),  # pred/target mismatch
-        ((2, 6), (2, 6), (2,)),  # not 3-D
-        ((2, 6, 12), (2, 6, 12), (2, 5)),  # mask length
-        ((2, 6, 12), (2, 6, 12), (2, 6, 1)),  # mask rank
+        ((2, 6, 12), (2, 6, 11), (2, 6), "pred and target must both be"),  # pred/target mismatch
+        ((2, 6), (2, 6), (2,), "pred and target must both be"),  # not 3-D
+        ((2, 6, 12), (2, 6, 12), (2, 5), r"mask must be \[B, L\] = \(2, 6\), got \(2, 5\)"),  # mask length
+        ((2, 6, 12), (2, 6, 12), (2, 6, 1), r"mask must be \[B, L\]"),  # mask rank
     ],
 )
-def test_shape_errors(ps, ts, ms):
-    with pytest.raises(ValueError):
+def test_shape_errors(ps, ts, ms, match):
+    with pytest.raises(ValueError, match=match):
         MAEReconstructionLoss()(torch.randn(ps), torch.randn(ts), torch.ones(ms))
 
 
 def test_invalid_eps():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="eps must be > 0, got 0.0"):
         MAEReconstructionLoss(eps=0.0)

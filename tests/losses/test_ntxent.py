@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from selfsup.losses import NTXentLoss
 
@@ -87,7 +88,7 @@ def test_invalid_temperature(t):
 
 @pytest.mark.parametrize(("s1", "s2"), [((4, 8), (4, 7)), ((4, 8), (3, 8)), ((4,), (4,)), ((2, 4, 8), (2, 4, 8))])
 def test_invalid_shapes(s1, s2):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected two \[n, d\] tensors of the same shape"):
         NTXentLoss(0.1)(torch.randn(*s1), torch.randn(*s2))
 
 
@@ -114,17 +115,40 @@ def test_identical_views_give_lower_loss_than_random_views():
     assert same < 0.5 * math.log(2 * 16 - 1)  # well below the uniform-logits value log(2N - 1)
 
 
-def test_bf16_autocast_returns_float32():
-    torch.manual_seed(3)
-    rng = np.random.default_rng(3)
-    z1_np, z2_np = rng.normal(size=(5, 8)), rng.normal(size=(5, 8))
-    z1 = torch.tensor(z1_np, dtype=torch.float32, requires_grad=True)
-    z2 = torch.tensor(z2_np, dtype=torch.float32)
+def _linear_outputs_under_bf16_autocast(seed: int, n: int = 16, d: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings as a model gives them under autocast: a matmul before the loss makes them bf16."""
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(24, d)
+    x1, x2 = torch.randn(n, 24), torch.randn(n, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = NTXentLoss(0.5, gather_distributed=False)(z1.bfloat16(), z2.bfloat16())
-    assert loss.dtype == torch.float32
-    assert torch.isfinite(loss)
-    loss.backward()
-    assert z1.grad is not None and torch.isfinite(z1.grad).all()
-    # bf16 inputs are only rounded (3 significant digits), the loss itself is computed in fp32
-    assert loss.item() == pytest.approx(ntxent_reference(z1_np, z2_np, 0.5), abs=2e-2)
+        z1, z2 = lin(x1).detach(), lin(x2).detach()
+    assert z1.dtype == z2.dtype == torch.bfloat16
+    return z1, z2
+
+
+def _unguarded_ntxent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
+    """The same formula with the similarity matmul left to autocast (what a loss without its fp32 guard does)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+        sim = (z @ z.T / t).float()
+    sim.fill_diagonal_(float("-inf"))
+    n = len(z1)
+    return F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(n)])).item()
+
+
+def test_loss_under_bf16_autocast_is_computed_in_fp32():
+    """Under autocast the loss must upcast and keep its matmul in fp32: it then equals the float64
+    reference on the (bf16-rounded) embeddings to ~1e-6 on every batch, while the same formula with the
+    similarity matmul in bf16 is off by up to ~1e-3 (rounding errors partly cancel in the mean, so
+    several batches are checked)."""
+    t, tol = 0.1, 1e-5
+    unguarded_errors = []
+    for seed in range(8):
+        z1, z2 = _linear_outputs_under_bf16_autocast(seed)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = NTXentLoss(t, gather_distributed=False)(z1, z2)
+        assert loss.dtype == torch.float32
+        expected = ntxent_reference(z1.double().numpy(), z2.double().numpy(), t)
+        assert loss.item() == pytest.approx(expected, abs=tol, rel=0), seed
+        unguarded_errors.append(abs(_unguarded_ntxent(z1, z2, t) - expected))
+    assert max(unguarded_errors) > 20 * tol  # the tolerance is far tighter than the autocast error

@@ -75,12 +75,23 @@ def test_no_weights_is_plain_mean_ce():
     assert fn(xt, yt, torch.ones(x.shape[1])).item() == pytest.approx(fn(xt, yt).item(), rel=1e-6)
 
 
-def test_bf16_autocast_returns_float32():
-    x, y, w = _data(7)
+def test_loss_under_bf16_autocast_is_computed_in_fp32():
+    """Logits that come out of a matmul under autocast are bf16; the loss upcasts them and equals the
+    float64 reference on those logits to ~1e-6 (a bf16 computation is off by ~1e-2)."""
+    x, y, w = _data(7, b=64, k=10)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(10, 10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = ClassWeightedCrossEntropy()(torch.tensor(x, dtype=torch.float32), torch.tensor(y), torch.tensor(w))
+        logits = lin(torch.tensor(x, dtype=torch.float32))
+        assert logits.dtype == torch.bfloat16
+        loss = ClassWeightedCrossEntropy()(logits, torch.tensor(y), torch.tensor(w, dtype=torch.float32))
     assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(weighted_ce_reference(x, y, w), rel=1e-5)
+    expected = weighted_ce_reference(logits.double().detach().numpy(), y, w)
+    assert loss.item() == pytest.approx(expected, abs=1e-5, rel=1e-6)
+    bf16 = torch.nn.functional.cross_entropy(
+        logits.detach(), torch.tensor(y), weight=torch.tensor(w, dtype=torch.bfloat16)
+    )  # the same loss left in bf16
+    assert abs(bf16.item() - expected) > 50 * 1e-5
 
 
 @pytest.mark.parametrize(
@@ -95,5 +106,6 @@ def test_bf16_autocast_returns_float32():
 )
 def test_shape_errors(xs, ys, ws):
     w = None if ws is None else torch.ones(ws)
-    with pytest.raises(ValueError):
+    match = r"class_weight must be \[K=3\]" if ws else r"expected logits \[B, K\] and labels \[B\]"
+    with pytest.raises(ValueError, match=match):
         ClassWeightedCrossEntropy()(torch.randn(xs), torch.zeros(ys, dtype=torch.long), w)

@@ -149,7 +149,7 @@ def test_vit_embed_adds_positions_to_patches():
 
 
 def test_vit_embed_wrong_size():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected 32x32 images, got \(24, 24\)"):
         _vit().embed(torch.randn(1, 3, 24, 24))
 
 
@@ -165,8 +165,8 @@ def test_vit_bad_global_pool():
 
 
 def test_vit_heads_must_divide_dim():
-    with pytest.raises(ConfigError):
-        _vit(embed_dim=30, num_heads=4)
+    with pytest.raises(ConfigError, match="embed dim 36 is not divisible by num_heads 8"):
+        _vit(embed_dim=36, num_heads=8)
 
 
 def test_vit_no_weight_decay():
@@ -233,7 +233,7 @@ def test_sincos_without_cls():
 
 
 def test_sincos_dim_not_divisible_by_4():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="divisible by 4 .* got 10"):
         sincos_pos_embed_2d(10, 4)
 
 
@@ -268,7 +268,7 @@ def test_mlp_neck_structure_no_last_bn():
 def test_mlp_neck_single_layer_and_invalid():
     neck = MLPNeck(16, out_dim=8, num_layers=1, last_bn=False)
     assert [type(m) for m in neck.mlp] == [nn.Linear]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_layers must be >= 1, got 0"):
         MLPNeck(16, num_layers=0)
 
 

@@ -1,0 +1,219 @@
+"""Planted bugs: each must make the tests that guard against it fail (``make mutants``).
+
+A test is only done when it fails on the bug it guards against. Each mutant below is one small,
+realistic bug (a wrong mask, a missing normalisation, an lr of 0, swapped terms, ...) planted in a
+copy of the repository; the named tests are run on that copy and must fail. A mutant that survives,
+or whose code no longer exists (the source moved on: update the mutant), is reported and the script
+exits non-zero. The checkout itself is never modified.
+
+    python tests/mutants.py            # all mutants
+    python tests/mutants.py mae lr     # those whose name contains "mae" or "lr"
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # file to mutate, relative to the repository root
+    edits: tuple[tuple[str, str], ...]  # (exact old text, new text), each must occur exactly once
+    tests: tuple[str, ...]  # pytest node ids that must fail
+
+
+MUTANTS = [
+    Mutant(
+        "mae-loss-on-every-patch",
+        "selfsup/algorithms/mae.py",
+        (
+            (
+                "patchify(x, self.backbone.patch_size), mask)",
+                "patchify(x, self.backbone.patch_size), torch.ones_like(mask))",
+            ),
+        ),
+        ("tests/algorithms/test_mae_parts.py::test_forward_loss_is_on_the_masked_patches_only",),
+    ),
+    Mutant(
+        "features-without-normalisation",
+        "selfsup/eval/features.py",
+        (('f = fn(normalize(batch["views"][0])).float()', 'f = fn(batch["views"][0].float()).float()'),),
+        ("tests/eval/test_features.py",),
+    ),
+    Mutant(
+        "features-in-train-mode",
+        "selfsup/engine/trainer.py",
+        (("        self.algo.eval()\n        try:", "        try:"),),
+        ("tests/eval/test_features.py::test_trainer_knn_uses_backbone_features_of_normalised_eval_images",),
+    ),
+    Mutant(
+        "knn-without-l2-normalisation",
+        "selfsup/eval/knn.py",
+        (
+            (
+                "queries, bank = F.normalize(queries.float(), dim=1), F.normalize(bank.float(), dim=1)",
+                "queries, bank = queries.float(), bank.float()",
+            ),
+        ),
+        ("tests/eval/test_knn.py::test_scores_match_reference",),
+    ),
+    Mutant(
+        "ntxent-under-autocast",
+        "selfsup/losses/ntxent.py",
+        (("with torch.autocast(device_type=z1.device.type, enabled=False):", "if True:"),),
+        ("tests/losses/test_ntxent.py::test_loss_under_bf16_autocast_is_computed_in_fp32",),
+    ),
+    Mutant(
+        "mae-loss-under-autocast",
+        "selfsup/losses/mae_reconstruction.py",
+        (
+            ("with torch.autocast(device_type=pred.device.type, enabled=False):", "if True:"),
+            (
+                "pred, target, mask = pred.float(), target.float(), mask.float()",
+                "target, mask = target.to(pred.dtype), mask.to(pred.dtype)",
+            ),
+        ),
+        ("tests/losses/test_mae_reconstruction.py::test_loss_under_bf16_autocast_is_computed_in_fp32",),
+    ),
+    Mutant(
+        "weighted-ce-without-upcast",  # (autocast alone would run cross entropy in fp32: the upcast is the guard)
+        "selfsup/losses/weighted_ce.py",
+        (
+            ("weight = None if class_weight is None else class_weight.float()", "weight = class_weight"),
+            (
+                "F.cross_entropy(logits.float(), labels, weight=weight)",
+                "F.cross_entropy(logits, labels, weight=weight)",
+            ),
+        ),
+        ("tests/losses/test_weighted_ce.py::test_loss_under_bf16_autocast_is_computed_in_fp32",),
+    ),
+    Mutant(
+        "lr-times-zero",
+        "selfsup/engine/trainer.py",
+        (("self.lr = scaled_lr(", "self.lr = 0 * scaled_lr("),),
+        (
+            "tests/algorithms/test_training.py::test_trainer_loss_goes_down[simclr-trained]",
+            "tests/algorithms/test_training.py::test_trainer_loss_goes_down[mae-trained]",
+        ),
+    ),
+    Mutant(
+        "odc-memory-momentum-swapped",
+        "selfsup/algorithms/odc.py",
+        (
+            (
+                "(1 - self.momentum) * self.features[index] + self.momentum * feature",
+                "self.momentum * self.features[index] + (1 - self.momentum) * feature",
+            ),
+        ),
+        ("tests/algorithms/test_training.py::test_odc_memory_update_follows_the_formula",),
+    ),
+    Mutant(
+        "ntxent-local-negatives-only",
+        "selfsup/losses/ntxent.py",
+        (("            if self.gather_distributed:", "            if False:"),),
+        ("tests/test_distributed.py::test_simclr_training_two_processes_equals_one_process",),
+    ),
+    Mutant(
+        "sync-bn-per-rank-statistics",
+        "selfsup/models/sync_batchnorm.py",
+        (("total = distributed.all_gather_with_grad(local[None]).sum(0)", "total = local"),),
+        (
+            "tests/test_distributed.py::test_sync_batchnorm_on_cpu_two_ranks_match_one_process",
+            "tests/test_distributed.py::test_simclr_training_two_processes_equals_one_process",
+        ),
+    ),
+    Mutant(
+        "lr-scaled-by-the-per-process-batch",
+        "selfsup/engine/trainer.py",
+        (("self.global_batch = bs * ws * acc", "self.global_batch = bs * acc"),),
+        ("tests/test_distributed.py::test_simclr_training_two_processes_equals_one_process",),
+    ),
+    Mutant(
+        "rng-restore-forgets-torch",
+        "selfsup/engine/checkpoint.py",
+        (('    torch.set_rng_state(state["torch"])\n', ""),),
+        ("tests/test_distributed.py::test_rng_state_survives_pickle",),
+    ),
+    Mutant(
+        "mae-mask-ratio-unchecked",
+        "selfsup/algorithms/mae.py",
+        (("if not 0.0 <= mask_ratio < 1.0:", "if False:"),),
+        (
+            "tests/test_cli.py::test_bad_input_gives_one_line[mae-mask-ratio-1]",
+            "tests/test_cli.py::test_bad_input_gives_one_line[mae-mask-ratio-negative]",
+        ),
+    ),
+    Mutant(
+        "empty-training-split-unchecked",
+        "selfsup/data/datasets.py",
+        (("    if n_val >= n:\n", "    if False:\n"),),
+        ("tests/test_cli.py::test_bad_input_gives_one_line[empty-train-split]",),
+    ),
+]
+
+
+def _copy_repo(dst: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        src = REPO / name.decode()
+        if src.is_file():
+            target = dst / name.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+
+
+def run(mutant: Mutant, copy: Path) -> tuple[str, float]:
+    """'caught', 'SURVIVED' or 'STALE' (the code to mutate is not there), and the seconds it took."""
+    path = copy / mutant.path
+    original = path.read_text()
+    text = original
+    for old, new in mutant.edits:
+        if text.count(old) != 1:
+            return "STALE", 0.0
+        text = text.replace(old, new)
+    path.write_text(text)
+    t0 = time.perf_counter()
+    try:
+        env = {**os.environ, "PYTHONPATH": str(copy), "CUDA_VISIBLE_DEVICES": "-1"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *mutant.tests]
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        path.write_text(original)
+    # every named test must fail: exit status 1 and no "passed" in pytest's summary line (exit status 2 =
+    # interrupted, 4 = usage error, 5 = nothing collected are not catches)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    caught = proc.returncode == 1 and "passed" not in summary and "error" not in summary
+    return ("caught" if caught else "SURVIVED"), time.perf_counter() - t0
+
+
+def main(patterns: list[str]) -> int:
+    chosen = [m for m in MUTANTS if not patterns or any(p in m.name for p in patterns)]
+    bad = 0
+    with tempfile.TemporaryDirectory(prefix="selfsup-mutants-") as tmp:
+        copy = Path(tmp)
+        _copy_repo(copy)
+        for mutant in chosen:
+            verdict, seconds = run(mutant, copy)
+            bad += verdict != "caught"
+            print(f"{verdict:8s} {mutant.name:40s} {seconds:6.1f} s  ({', '.join(mutant.tests)})", flush=True)
+    print(f"{len(chosen) - bad}/{len(chosen)} planted bugs caught")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
