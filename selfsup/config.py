@@ -1,11 +1,24 @@
-"""Typed schema of every config group, registered in Hydra's ConfigStore.
+"""Configs: where they live, their typed schemas, and the one compose function.
 
-The YAML files under ``conf/`` extend these dataclasses (``defaults: [/schema/<group>/<name>@_here_]``),
-so a misspelt key (``schedule.lrr=0.1``), a value of the wrong type (``schedule.epochs=ten``) or an
-unknown enum value (``precision=fp8``) fails while Hydra composes the config, before anything is built.
+The YAML tree is ``conf/`` at the top of the checkout, shipped in the wheel as ``selfsup/conf``
+(``CONFIG_DIR``), so ``python -m selfsup.train`` and ``selfsup-train`` work from any directory once
+selfsup is installed. Users add their own ``experiment/``, ``dataset/``, ``algo/`` ... files in a
+folder of their own, passed with ``--config-dir DIR`` (command line) or ``config_dirs=[DIR]``
+(:func:`compose`); both put it on Hydra's search path.
 
-Objects are built with ``hydra.utils.instantiate`` from the ``_target_`` fields; there is no other
-registry. Layout of a composed run config::
+**One home per hyper-parameter.** The constructor of an algorithm, backbone or dataset is the source
+of truth for its defaults: :func:`schema_of` turns the signature into a typed dataclass, registered in
+Hydra's ConfigStore as ``schema/<group>/<name>`` for every ``conf/<group>/<name>.yaml`` (found by
+reading the file's ``_target_``). Each YAML extends its schema (``defaults: [/schema/<group>/<name>@_here_]``)
+and states only what differs, so a misspelt key (``algo.model.temprature=0.2``), a value of the wrong
+type (``schedule.epochs=ten``) or an unknown option (``backbone.stem=tiny``: ``Literal[...]``
+annotations become enums) fails while Hydra composes, before anything is built. Adding an algorithm
+is its module plus ``conf/algo/<name>.yaml``: nothing to register by hand.
+
+The other groups' schemas are owned by the code that reads them (``ScheduleConfig`` in
+``engine/schedules.py``, ``OptimizerConfig`` in ``engine/optim.py``, ``ViewConfig`` in
+``data/views.py``, ...) and assembled here into :class:`TrainConfig`; the trainer reads the composed
+config as these typed objects (:func:`typed`). Layout of a composed run config::
 
     algo:      model (``_target_`` = the algorithm class + its hyper-parameters),
                views (the augmentation pipelines), optimizer (type, lr for ``base_batch_size``)
@@ -18,27 +31,131 @@ registry. Layout of a composed run config::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from selfsup.data.datasets import BackboneHints
+from selfsup.data.loader import LoaderConfig
+from selfsup.data.views import ViewConfig
+from selfsup.distributed import DistConfig
+from selfsup.engine.checkpoint import CheckpointConfig
+from selfsup.engine.logger import LogConfig
+from selfsup.engine.optim import OptimizerConfig
+from selfsup.engine.schedules import ScheduleConfig
+from selfsup.errors import ConfigError
+from selfsup.eval.knn import KNNConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
+CONFIG_NAME = "train"
+
 
 # --------------------------------------------------------------------------------------------
-# enums (OmegaConf rejects any other value with the list of valid ones)
+# schemas generated from constructor signatures
+
+_ENUMS: dict[tuple[str, ...], type[Enum]] = {}
 
 
-class OptimizerName(str, Enum):
-    sgd = "sgd"
-    adamw = "adamw"
-    lars = "lars"
+def _literal_enum(values: tuple[Any, ...], name: str) -> type[Enum]:
+    """One ``str`` enum per set of ``Literal`` values (OmegaConf rejects other values, listing these)."""
+    key = tuple(str(v) for v in values)
+    if key not in _ENUMS:
+        _ENUMS[key] = Enum(name, [(v, v) for v in key], type=str)  # type: ignore[misc]
+    return _ENUMS[key]
 
 
-class LRPolicy(str, Enum):
-    cosine = "cosine"  # linear warm-up, then half-cosine to min_lr_ratio * lr
-    step = "step"  # linear warm-up, then lr *= gamma at each milestone epoch
-    constant = "constant"  # linear warm-up, then constant
+def _field_type(annotation: Any, name: str) -> Any:
+    """An annotation OmegaConf can validate: primitives, Optional, List/Dict of them, dataclasses,
+    enums; ``Literal[...]`` becomes an enum; anything else (modules, tensors, callables) is ``Any``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation in (int, float, str, bool) or annotation is Any:
+        return annotation
+    if inspect.isclass(annotation) and (dataclasses.is_dataclass(annotation) or issubclass(annotation, Enum)):
+        return annotation
+    if origin is Literal:
+        return _literal_enum(args, name)
+    if origin is Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return Optional[_field_type(inner[0], name)]  # noqa: UP045 - OmegaConf wants typing.Optional
+        return Any
+    if origin in (list, tuple, Sequence, typing.Sequence):
+        elem = _field_type(args[0], name) if args else Any
+        return list[elem] if elem in (int, float, str, bool) or dataclasses.is_dataclass(elem) else list[Any]
+    if origin in (dict, Mapping, typing.Mapping):
+        value = _field_type(args[1], name) if len(args) == 2 else Any
+        return dict[str, value]
+    return Any
+
+
+def _field_default(value: Any) -> Any:
+    if value is inspect.Parameter.empty:
+        return field(default=MISSING)
+    if isinstance(value, (list, tuple, dict)) or dataclasses.is_dataclass(value):
+        return field(default_factory=lambda v=value: copy.deepcopy(list(v) if isinstance(v, tuple) else v))
+    if isinstance(value, Enum):
+        return field(default=value)
+    return field(default=value)
+
+
+def schema_of(
+    target: Callable[..., Any],
+    exclude: Sequence[str] = (),
+    extra: Sequence[tuple[str, Any, Any]] = (),
+    name: str | None = None,
+) -> type:
+    """A typed dataclass with ``_target_`` and one field per constructor argument of ``target``
+    (default = the constructor's default; no default = required, ``???``), minus ``exclude`` (the
+    arguments the trainer passes itself, e.g. ``backbone``), plus ``extra`` fields.
+
+    A dataclass-typed argument (e.g. ``ScalarSchedule``) gets a nested schema with its own
+    ``_target_``, so Hydra builds the object before calling ``target``.
+    """
+    init = target.__init__ if inspect.isclass(target) else target  # type: ignore[misc]
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception as e:  # an annotation that cannot be evaluated is a bug in that module
+        raise TypeError(f"cannot read the type hints of {target}: {e}") from e
+    path = f"{target.__module__}.{target.__qualname__}"
+    fields: list[tuple[str, Any, Any]] = [("_target_", str, field(default=path))]
+    for pname, param in inspect.signature(init).parameters.items():
+        if pname == "self" or pname in exclude or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        ftype = _field_type(hints.get(pname, Any), f"{target.__name__}_{pname}")
+        default = param.default
+        if inspect.isclass(ftype) and dataclasses.is_dataclass(ftype) and not hasattr(ftype, "_target_"):
+            nested = schema_of(ftype, name=f"{ftype.__name__}Schema")
+            value = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
+            fields.append((pname, nested, field(default_factory=lambda n=nested, v=value: n(**v))))
+            continue
+        fields.append((pname, ftype, _field_default(default)))
+    fields.extend(extra)
+    return make_dataclass(name or f"{target.__name__}Schema", fields)
+
+
+# --------------------------------------------------------------------------------------------
+# the groups
+
+
+@dataclass
+class AlgoConfig:
+    model: Any = MISSING  # the algorithm: _target_ + constructor arguments (generated schema)
+    views: list[ViewConfig] = MISSING
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
 
 
 class Precision(str, Enum):
@@ -48,295 +165,20 @@ class Precision(str, Enum):
     fp16 = "fp16"  # autocast + dynamic loss scaling (CUDA only)
 
 
-class Stem(str, Enum):
-    imagenet = "imagenet"  # 7x7/2 conv + 3x3/2 max-pool (torchvision default)
-    cifar = "cifar"  # 3x3/1 conv, no max-pool (small images)
-
-
-class BadImagePolicy(str, Enum):
-    skip = "skip"  # warn with the file name and use the next readable image
-    error = "error"  # stop the run
-
-
-class CifarValSplit(str, Enum):
-    holdout = "holdout"  # hold out val_fraction of the training images
-    test = "test"  # the official 10,000-image test split
-
-
-# --------------------------------------------------------------------------------------------
-# algo
-
-
-@dataclass
-class ViewConfig:
-    """One augmentation pipeline; ``copies`` identical-but-independently-sampled views of it.
-
-    Order: random-resized crop -> affine (rotation/translation) -> flip -> colour jitter ->
-    grayscale -> Gaussian blur -> solarize. Probabilities are per sample. The same declaration is
-    meant to run per sample in DataLoader workers (today) or batched on the device (speed issue).
-    """
-
-    size: int = MISSING
-    copies: int = 1
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    interpolation: str = "bilinear"  # bilinear | bicubic
-    rotation: float = 0.0  # max degrees of a random rotation
-    translate: float = 0.0  # max fraction of a random translation
-    hflip: float = 0.5
-    color_jitter: float = 0.0  # probability of applying jitter
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    grayscale: float = 0.0
-    blur: float = 0.0
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
-    blur_kernel: float = 0.1  # kernel size as a fraction of the view size (rounded to odd)
-    solarize: float = 0.0
-
-
-@dataclass
-class ParamOverride:
-    """Per-parameter optimizer options for parameters whose name contains the key."""
-
-    lr_mult: float = 1.0
-    decay_mult: float = 1.0
-    momentum: float | None = None
-    lars_exclude: bool | None = None
-
-
-@dataclass
-class OptimizerConfig:
-    name: OptimizerName = OptimizerName.sgd
-    lr: float = 0.1  # learning rate for a global batch of base_batch_size
-    base_batch_size: int = 256
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    nesterov: bool = False
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    lars_eta: float = 0.001
-    # 1-D parameters (biases, norm weights) and the algorithm's no_weight_decay() names get wd 0
-    no_decay_norm_bias: bool = True
-    # also exclude them from LARS' trust ratio (SimCLR/BYOL recipes)
-    lars_exclude_norm_bias: bool = True
-    paramwise: dict[str, ParamOverride] = field(default_factory=dict)
-
-
-@dataclass
-class AlgoConfig:
-    model: Any = MISSING
-    views: list[ViewConfig] = MISSING
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-
-
-@dataclass
-class SimCLRModel:
-    _target_: str = "selfsup.algorithms.simclr.SimCLR"
-    hidden_dim: int = 2048
-    out_dim: int = 128
-    num_layers: int = 2
-    temperature: float = 0.1
-
-
-@dataclass
-class SimCLRConfig(AlgoConfig):
-    model: SimCLRModel = field(default_factory=SimCLRModel)
-
-
-@dataclass
-class ODCModel:
-    _target_: str = "selfsup.algorithms.odc.ODC"
-    num_clusters: int = 10000
-    hidden_dim: int = 512
-    feat_dim: int = 256
-    memory_momentum: float = 0.5
-    min_cluster: int = 20
-    centroid_interval: int = 10
-    reweight_pow: float = 0.5
-    kmeans_iters: int = 20
-    kmeans_seed: int = 0
-
-
-@dataclass
-class ODCConfig(AlgoConfig):
-    model: ODCModel = field(default_factory=ODCModel)
-
-
-@dataclass
-class MAEModel:
-    _target_: str = "selfsup.algorithms.mae.MAE"
-    mask_ratio: float = 0.75
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    norm_pix_loss: bool = True
-
-
-@dataclass
-class MAEConfig(AlgoConfig):
-    model: MAEModel = field(default_factory=MAEModel)
-
-
-# --------------------------------------------------------------------------------------------
-# backbone
-
-
-@dataclass
-class BackboneConfig:
-    _target_: str = MISSING
-
-
-@dataclass
-class ResNetConfig(BackboneConfig):
-    _target_: str = "selfsup.models.resnet.ResNet"
-    arch: str = "resnet50"  # any torchvision resnet* / wide_resnet* / resnext* name
-    stem: Stem = Stem.imagenet
-    zero_init_residual: bool = False
-
-
-@dataclass
-class ViTConfig(BackboneConfig):
-    _target_: str = "selfsup.models.vit.VisionTransformer"
-    img_size: int = 224
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    drop_path_rate: float = 0.0
-    global_pool: str = "token"  # token (CLS) | avg
-
-
-# --------------------------------------------------------------------------------------------
-# dataset
-
-
-@dataclass
-class BackboneHints:
-    """What suits this resolution; backbone configs read these through interpolation."""
-
-    stem: Stem = Stem.imagenet
-    patch_size: int = 16
-
-
-@dataclass
-class DatasetConfig:
-    _target_: str = MISSING
-    image_size: int = 224
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    val_fraction: float = 0.1  # held-out labelled split for the kNN monitor (0 = none)
-    split_seed: int = 0
-    hints: BackboneHints = field(default_factory=BackboneHints)
-
-
-@dataclass
-class DigitsConfig(DatasetConfig):
-    _target_: str = "selfsup.data.datasets.Digits"
-
-
-@dataclass
-class ImageFolderConfig(DatasetConfig):
-    _target_: str = "selfsup.data.datasets.ImageFolder"
-    root: str = MISSING
-    val_root: str | None = None
-    on_bad_image: BadImagePolicy = BadImagePolicy.skip
-
-
-@dataclass
-class CIFAR10Config(DatasetConfig):
-    _target_: str = "selfsup.data.datasets.CIFAR10"
-    root: str = MISSING
-    download: bool = False
-    val_split: CifarValSplit = CifarValSplit.holdout
-
-
-@dataclass
-class FakeConfig(DatasetConfig):
-    _target_: str = "selfsup.data.datasets.FakeImages"
-    num_samples: int = 256
-    num_classes: int = 4
-    seed: int = 0
-
-
-# --------------------------------------------------------------------------------------------
-# schedule, launcher, trainer
-
-
-@dataclass
-class ScheduleConfig:
-    epochs: int = 10
-    batch_size: int = 64  # per device (process)
-    accumulate: int = 1  # gradient accumulation steps
-    policy: LRPolicy = LRPolicy.cosine
-    warmup_epochs: float = 0.0
-    warmup_start_factor: float = 1e-3
-    min_lr_ratio: float = 0.0
-    milestones: list[int] = field(default_factory=list)  # epochs (policy=step)
-    gamma: float = 0.1
-    # linear scaling rule: lr = algo.optimizer.lr * global batch / algo.optimizer.base_batch_size
-    scale_lr: bool = True
-    clip_grad: float | None = None  # max global grad norm
-
-
-@dataclass
-class LauncherConfig:
-    name: str = "local"
-
-
-@dataclass
-class LoaderConfig:
-    num_workers: int | None = None  # None = auto: 0 on the CPU, up to 8 per GPU process
-    pin_memory: bool = True  # only used on CUDA
-    persistent_workers: bool = True
-    prefetch_factor: int = 2
-
-
-@dataclass
-class CheckpointConfig:
-    interval: int = 1  # keep epoch_NNNN.pt every N epochs (last.pt is rewritten every epoch)
-    keep: int = 0  # how many epoch_NNNN.pt to keep (0 = all)
-
-
-@dataclass
-class LogConfig:
-    interval: int = 10  # optimizer steps between log lines
-    tensorboard: bool = True
-    progress: bool = True  # progress bar on a TTY (plain lines otherwise)
-
-
-@dataclass
-class KNNConfig:
-    enabled: bool = True
-    interval: int = 0  # epochs between kNN evaluations (0 = only before and after training)
-    k: int = 20
-    temperature: float = 0.07
-    batch_size: int = 256
-
-
-@dataclass
-class DistConfig:
-    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-    timeout_s: int = 1800
-
-
 @dataclass
 class TrainConfig:
     algo: AlgoConfig = MISSING
-    backbone: BackboneConfig = MISSING
-    dataset: DatasetConfig = MISSING
+    backbone: Any = MISSING  # _target_ + constructor arguments (generated schema)
+    dataset: Any = MISSING  # _target_ + constructor arguments + hints (generated schema)
     schedule: ScheduleConfig = MISSING
     launcher: LauncherConfig = MISSING
     seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = False  # deterministic kernels (bit-for-bit repeatable runs)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N   (CUDA_VISIBLE_DEVICES=-1 also forces the CPU)
     precision: Precision = Precision.auto
     channels_last: bool | None = None  # None = on for conv nets
-    compile: bool = False
-    sync_bn: bool = False
+    compile: bool = False  # torch.compile the algorithm's compile_targets() in place
+    sync_bn: bool = False  # synchronised BatchNorm when there are several processes
     fused_optimizer: bool | None = None  # None = fused SGD/AdamW on CUDA
     resume: str | None = None  # PATH to a checkpoint, or "auto" (last.pt in the run dir)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -346,23 +188,118 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
-def register_configs() -> None:
+# group -> (sub-node that holds the _target_, constructor arguments the trainer passes itself, extra fields)
+_GENERATED: dict[str, tuple[str | None, tuple[str, ...], tuple[tuple[str, Any, Any], ...]]] = {
+    "algo": ("model", ("backbone",), ()),
+    "backbone": (None, (), ()),
+    "dataset": (None, ("split",), (("hints", BackboneHints, field(default_factory=BackboneHints)),)),
+}
+
+
+def target_of(yaml_file: Path, sub: str | None) -> str:
+    """The ``_target_`` a group file names (``model._target_`` for algorithms)."""
+    raw = OmegaConf.load(yaml_file)
+    node = raw.get(sub) if sub else raw
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not target:
+        where = f"{sub}._target_" if sub else "_target_"
+        raise ConfigError(f"{yaml_file} names no {where}: add the class it configures, e.g. {where}: pkg.module.Class")
+    return str(target)
+
+
+def group_schema(group: str, target: str) -> type:
+    """The typed schema of ``target`` in ``group`` (algo: wrapped in an :class:`AlgoConfig`)."""
+    from hydra.utils import get_class
+
+    sub, exclude, extra = _GENERATED[group]
+    cls = get_class(target)
+    schema = schema_of(cls, exclude=exclude, extra=extra)
+    if group == "algo":
+        return make_dataclass(
+            f"{cls.__name__}AlgoConfig", [("model", schema, field(default_factory=schema))], bases=(AlgoConfig,)
+        )
+    return schema
+
+
+def register_schemas(config_dir: Path = CONFIG_DIR) -> None:
+    """Store ``schema`` (the :class:`TrainConfig`), ``schema/<group>/<name>`` for every YAML file of the
+    generated groups, and the hand-written schemas of ``schedule`` and ``launcher``."""
     cs = ConfigStore.instance()
     cs.store(name="schema", node=TrainConfig)
-    for name, node in {"simclr": SimCLRConfig, "odc": ODCConfig, "mae": MAEConfig}.items():
-        cs.store(group="schema/algo", name=name, node=node)
-    cs.store(group="schema/backbone", name="resnet", node=ResNetConfig)
-    cs.store(group="schema/backbone", name="vit", node=ViTConfig)
-    datasets = {
-        "digits": DigitsConfig,
-        "imagefolder": ImageFolderConfig,
-        "cifar10": CIFAR10Config,
-        "fake": FakeConfig,
-    }
-    for name, node in datasets.items():
-        cs.store(group="schema/dataset", name=name, node=node)
+    for group, (sub, _, _) in _GENERATED.items():
+        for yaml_file in sorted((config_dir / group).glob("*.yaml")):
+            cs.store(group=f"schema/{group}", name=yaml_file.stem, node=group_schema(group, target_of(yaml_file, sub)))
     cs.store(group="schema/schedule", name="base", node=ScheduleConfig)
     cs.store(group="schema/launcher", name="base", node=LauncherConfig)
 
 
-register_configs()
+register_schemas()
+
+
+# --------------------------------------------------------------------------------------------
+# composing and reading
+
+
+def compose(
+    overrides: Sequence[str] = (),
+    config_dirs: Sequence[str | Path] = (),
+    return_hydra_config: bool = False,
+) -> DictConfig:
+    """The config ``python -m selfsup.train [--config-dir DIR] <overrides>`` gets (tools and tests use
+    this; the command line uses the same ``CONFIG_DIR``/``CONFIG_NAME`` through ``@hydra.main``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    extra = []
+    if config_dirs:
+        paths = ",".join(f"file://{Path(d).expanduser().resolve()}" for d in config_dirs)
+        extra.append(f"hydra.searchpath=[{paths}]")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="selfsup"):
+            return hydra_compose(CONFIG_NAME, overrides=[*extra, *overrides], return_hydra_config=return_hydra_config)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def typed(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    """The composed config as typed objects (interpolations resolved; a missing value is an error
+    naming the key)."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.resolve(cfg)
+    if "hydra" in cfg:
+        with OmegaConf.read_write(cfg), OmegaConf.open_dict(cfg):
+            del cfg["hydra"]
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, TrainConfig)
+    return obj
+
+
+def to_plain(node: Any) -> Any:
+    """A typed config node (dataclass) or DictConfig as plain containers, enums as their values: what
+    ``hydra.utils.instantiate`` and ``yaml`` dumps get."""
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        node = OmegaConf.structured(node)
+    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True, throw_on_missing=True)
+    return node
+
+
+__all__ = [
+    "CONFIG_DIR",
+    "CONFIG_NAME",
+    "AlgoConfig",
+    "LauncherConfig",
+    "Precision",
+    "TrainConfig",
+    "compose",
+    "group_schema",
+    "register_schemas",
+    "schema_of",
+    "target_of",
+    "to_plain",
+    "typed",
+]

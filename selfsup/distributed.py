@@ -149,3 +149,64 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if op == "mean":
             tensor /= get_world_size()
     return tensor
+
+
+# ---------------------------------------------------------------------------------------------- shuffling BN
+def batch_shuffle(x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's shuffling BN (He et al. 2020, Sec. 3.3; official ``_batch_shuffle_ddp``): this rank's slice of
+    the global batch permuted by one random permutation, and the index that undoes it.
+
+    The local batches ``x`` [n, ...] of all ranks are gathered in rank order into the global batch [world * n, ...];
+    one permutation ``perm`` of the global batch is drawn with ``torch.randperm`` (``generator``, else torch's
+    global RNG) and rank 0's is broadcast, so every rank uses the same one (every rank draws, as the official code
+    does, so the RNG streams of all ranks advance alike); rank r returns rows ``perm[r * n : (r + 1) * n]`` of the
+    global batch and ``argsort(perm)`` [world * n], to pass to :func:`batch_unshuffle`. Batch statistics computed on
+    the shuffled slices then mix samples of different ranks, so the key encoder's BatchNorm cannot leak which
+    query/key pair sits on which device. In one process: ``(x[perm], argsort(perm))`` for a permutation of x's rows.
+
+    Requires the same local batch size n on every rank (a DistributedSampler with drop_last, as MoCo uses):
+    the gather cannot check it without an extra collective. Gradients flow back to each rank's rows
+    (:func:`all_gather_with_grad`); MoCo applies it to the momentum encoder, under no_grad.
+
+    Raises:
+        ValueError: ``x`` is a 0-d tensor.
+    """
+    if x.dim() == 0:
+        raise ValueError("batch_shuffle expects a batch [n, ...] with the samples along dim 0, got a 0-d tensor")
+    n, rank = x.shape[0], get_rank()
+    gathered = all_gather_with_grad(x)
+    device = generator.device if generator is not None else x.device
+    perm = torch.randperm(gathered.shape[0], generator=generator, device=device).to(x.device)
+    broadcast_(perm, src=0)
+    return gathered[perm[rank * n : (rank + 1) * n]], torch.argsort(perm)
+
+
+def batch_unshuffle(x: torch.Tensor, unshuffle_index: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`batch_shuffle` (MoCo's ``_batch_unshuffle_ddp``): gathers the shuffled slices of every
+    rank [world * n, ...] and returns rank r the rows ``unshuffle_index[r * n : (r + 1) * n]``, i.e. the outputs
+    that belong to its original samples, in their original order. ``x`` is [n, ...] on every rank (the same n),
+    typically the key encoder's output for the shuffled inputs; ``unshuffle_index`` is the second value that
+    ``batch_shuffle`` returned. Gradients flow as in :func:`all_gather_with_grad`.
+
+    Raises:
+        ValueError: ``x`` is 0-d, or ``unshuffle_index`` is not a 1-D integer tensor of world_size * n entries.
+    """
+    if x.dim() == 0:
+        raise ValueError("batch_unshuffle expects a batch [n, ...] with the samples along dim 0, got a 0-d tensor")
+    n, world, rank = x.shape[0], get_world_size(), get_rank()
+    if unshuffle_index.dim() != 1 or unshuffle_index.numel() != world * n or unshuffle_index.is_floating_point():
+        raise ValueError(
+            f"batch_unshuffle expects the unshuffle index that batch_shuffle returned: an integer tensor of "
+            f"world_size * n = {world} * {n} = {world * n} entries, got shape {tuple(unshuffle_index.shape)} and dtype "
+            f"{unshuffle_index.dtype}; pass x with the same number of rows that was shuffled"
+        )
+    gathered = all_gather_with_grad(x)
+    return gathered[unshuffle_index.to(x.device)[rank * n : (rank + 1) * n]]
+
+
+@dataclass
+class DistConfig:
+    """``dist``: the process group's backend and how long a collective may wait."""
+
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: int = 1800

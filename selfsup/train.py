@@ -9,6 +9,7 @@ Examples::
     python -m selfsup.train experiment=simclr_resnet50_8xb32-coslr-200e_in1k dataset.root=...
     python -m selfsup.train --cfg job                        # print the composed config
     python -m selfsup.train -m algo=simclr,odc schedule.epochs=2    # a Hydra multirun sweep
+    python -m selfsup.train --config-dir ~/my_configs experiment=my_run   # your own config files
 
 Mistakes in the command line or the data (unknown option, misspelt key, wrong type, missing
 dataset root, bad checkpoint, ...) print one line ``selfsup: error: ...`` and exit with status 2.
@@ -27,8 +28,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-import selfsup.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from selfsup import distributed
+from selfsup.config import CONFIG_DIR, CONFIG_NAME
 from selfsup.errors import SelfsupError
 
 EXIT_USER_ERROR = 2
@@ -82,7 +83,7 @@ def report(exc: BaseException) -> None:
     print(f"selfsup: error: {one_line(exc)}", file=sys.stderr, flush=True)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
 def _task(cfg: DictConfig) -> float | None:
     from selfsup.engine.trainer import Trainer
 

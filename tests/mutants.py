@@ -118,10 +118,36 @@ MUTANTS = [
         ("tests/algorithms/test_training.py::test_odc_memory_update_follows_the_formula",),
     ),
     Mutant(
+        "ema-weights-swapped",
+        "selfsup/models/momentum.py",
+        (
+            ("torch._foreach_mul_(t_params, m)", "torch._foreach_mul_(t_params, 1.0 - m)"),
+            (
+                "torch._foreach_add_(t_params, o_params, alpha=1.0 - m)",
+                "torch._foreach_add_(t_params, o_params, alpha=m)",
+            ),
+        ),
+        ("tests/algorithms/test_byol.py::test_after_step_applies_the_cosine_ema",),
+    ),
+    Mutant(
+        "byol-loss-pairs-the-same-view",
+        "selfsup/algorithms/byol.py",
+        (("self.loss_fn(p1, z2) + self.loss_fn(p2, z1)", "self.loss_fn(p1, z1) + self.loss_fn(p2, z2)"),),
+        (
+            "tests/algorithms/test_byol.py::test_loss_is_the_symmetric_normalised_mse_of_prediction_and_other_views_target",
+        ),
+    ),
+    Mutant(
+        "byol-momentum-not-scheduled",
+        "selfsup/algorithms/byol.py",
+        (("m = self.momentum(state)", "m = self.momentum.start"),),
+        ("tests/algorithms/test_byol.py::test_after_step_applies_the_cosine_ema",),
+    ),
+    Mutant(
         "ntxent-local-negatives-only",
         "selfsup/losses/ntxent.py",
         (("            if self.gather_distributed:", "            if False:"),),
-        ("tests/test_distributed.py::test_simclr_training_two_processes_equals_one_process",),
+        ("tests/test_distributed.py::test_training_two_processes_equals_one_process[simclr]",),
     ),
     Mutant(
         "sync-bn-per-rank-statistics",
@@ -129,14 +155,14 @@ MUTANTS = [
         (("total = distributed.all_gather_with_grad(local[None]).sum(0)", "total = local"),),
         (
             "tests/test_distributed.py::test_sync_batchnorm_on_cpu_two_ranks_match_one_process",
-            "tests/test_distributed.py::test_simclr_training_two_processes_equals_one_process",
+            "tests/test_distributed.py::test_training_two_processes_equals_one_process[simclr]",
         ),
     ),
     Mutant(
         "lr-scaled-by-the-per-process-batch",
         "selfsup/engine/trainer.py",
         (("self.global_batch = bs * ws * acc", "self.global_batch = bs * acc"),),
-        ("tests/test_distributed.py::test_simclr_training_two_processes_equals_one_process",),
+        ("tests/test_distributed.py::test_training_two_processes_equals_one_process[simclr]",),
     ),
     Mutant(
         "rng-restore-forgets-torch",

@@ -1,20 +1,23 @@
 """Every option of every config group and every experiment overlay composes and instantiates;
-typed schemas reject misspelt keys, wrong types and unknown options while composing."""
+typed schemas (generated from the constructors) reject misspelt keys, wrong types and unknown options
+while composing; no config file restates a value it inherits."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, HydraException
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from hydra.utils import get_class
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from conftest import CONF, compose_cfg, run_training
+from conftest import ALGOS, CONF, TINY, VIT_ALGOS, compose_cfg, run_training
 from selfsup.algorithms.base import Algorithm
-from selfsup.engine.trainer import build, build_dataset
+from selfsup.config import compose, group_schema, target_of, typed
+from selfsup.engine.build import build, build_backbone, build_dataset
 from selfsup.errors import ConfigError
 
 GROUPS = ["algo", "backbone", "dataset", "schedule", "launcher"]
@@ -24,8 +27,23 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+def test_every_algorithm_has_a_tiny_test_setting():
+    assert ALGOS and set(TINY) == set(ALGOS), "add the new algorithm's small settings to TINY in tests/conftest.py"
+
+
+@pytest.mark.parametrize("group", ["algo", "backbone", "dataset", "schedule", "launcher"])
+def test_every_group_file_extends_its_schema(group):
+    """conf/<group>/<name>.yaml starts from /schema/<group>/<name> (generated from its _target_'s
+    constructor) or, for hand-written schemas, /schema/<group>/base."""
+    for name in options(group):
+        raw = OmegaConf.load(CONF / group / f"{name}.yaml")
+        own = f"/schema/{group}/{name}@_here_" if group in ("algo", "backbone", "dataset") else None
+        expected = own or f"/schema/{group}/base@_here_"
+        assert raw.defaults[0] == expected, f"conf/{group}/{name}.yaml must start with '- {expected}'"
+
+
 def test_every_group_has_its_options():
-    assert options("algo") == ["mae", "odc", "simclr"]
+    assert options("algo") == ALGOS
     assert options("backbone") == ["resnet18", "resnet50", "vit_base", "vit_small", "vit_tiny"]
     assert options("dataset") == ["cifar10", "digits", "fake", "imagefolder"]
     assert options("schedule") == ["cosine", "cpu", "step"]
@@ -56,24 +74,46 @@ def test_defaults():
 
 
 def _instantiate(cfg):
-    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    backbone = build(c["backbone"])
-    algo = build(c["algo"]["model"], backbone=backbone)
+    c = typed(cfg)
+    backbone = build_backbone(c.backbone)
+    algo = build(c.algo.model, backbone=backbone)
     assert isinstance(algo, Algorithm)
     return backbone, algo
 
 
-@pytest.mark.parametrize("algo", options("algo"))
+@pytest.mark.parametrize("algo", ALGOS)
 def test_every_algo_instantiates(algo):
-    backbone_opt = "vit_tiny" if algo == "mae" else "resnet18"
-    _, model = _instantiate(compose_cfg([f"algo={algo}", f"backbone={backbone_opt}", "dataset=fake"]))
-    assert model.num_views == (2 if algo == "simclr" else 1)
+    backbone_opt = "vit_tiny" if algo in VIT_ALGOS else "resnet18"
+    cfg = compose_cfg([f"algo={algo}", f"backbone={backbone_opt}", "dataset=fake"])
+    _, model = _instantiate(cfg)
+    assert type(model).__name__ == cfg.algo.model._target_.rsplit(".", 1)[1]
+    assert model.num_views == sum(v.copies for v in typed(cfg).algo.views)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_algorithm_defaults_come_from_the_constructor(algo):
+    """The composed config holds the constructor's default for every argument that no config file sets."""
+    cfg = compose_cfg([f"algo={algo}", "dataset=fake"])
+    cls = get_class(cfg.algo.model._target_)
+    raw_model = OmegaConf.load(CONF / "algo" / f"{algo}.yaml").get("model", {})
+    checked = 0
+    for name, param in inspect.signature(cls).parameters.items():
+        if name == "backbone" or name in raw_model or param.default is inspect.Parameter.empty:
+            continue
+        value = OmegaConf.to_container(cfg.algo.model, resolve=True, enum_to_str=True)[name]
+        default = param.default
+        if hasattr(default, "__dataclass_fields__"):
+            default = {k: getattr(default, k) for k in default.__dataclass_fields__}
+            value = {k: v for k, v in value.items() if k != "_target_"}
+        assert value == default or value == list(default) if isinstance(default, tuple) else value == default, name
+        checked += 1
+    assert checked > 0
 
 
 @pytest.mark.parametrize("backbone", options("backbone"))
 def test_every_backbone_instantiates_and_runs(backbone):
     cfg = compose_cfg([f"backbone={backbone}", "dataset=fake", "dataset.image_size=32"])
-    net = instantiate(OmegaConf.to_container(cfg.backbone, resolve=True, enum_to_str=True))
+    net = build_backbone(typed(cfg).backbone)
     with torch.no_grad():
         out = net.eval()(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, net.num_features)
@@ -92,14 +132,14 @@ def test_every_dataset_composes_and_instantiates(dataset, request):
     cifar_folder = request.getfixturevalue("cifar_folder") if dataset in ("imagefolder", "cifar10") else None
     if dataset == "imagefolder":
         overrides.append(f"dataset.root={cifar_folder}")
-    cfg = compose_cfg(overrides)
-    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if dataset == "cifar10":  # no CIFAR-10 pickles here: the error must say what to do
-        c["dataset"]["root"] = str(cifar_folder)
+        overrides.append(f"dataset.root={cifar_folder}")
+    c = typed(compose_cfg(overrides))
+    if dataset == "cifar10":
         with pytest.raises(Exception, match="dataset.download=true"):
-            build_dataset(c["dataset"], "train")
+            build_dataset(c.dataset, "train")
         return
-    ds = build_dataset(c["dataset"], "train")
+    ds = build_dataset(c.dataset, "train")
     image, label, index = ds[0]
     assert image.dtype == torch.uint8 and image.shape[0] == 3 and index == 0
 
@@ -107,7 +147,7 @@ def test_every_dataset_composes_and_instantiates(dataset, request):
 def test_required_roots_are_missing_until_given():
     cfg = compose_cfg(["dataset=imagefolder"])
     with pytest.raises(OmegaConfBaseException, match="dataset.root"):
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        typed(cfg)
 
 
 SCHEDULES = {  # (policy, epochs, warm-up epochs)
@@ -227,13 +267,126 @@ def test_mae_picks_a_vit_unless_told_otherwise():
         ("schedule.epochs=ten", "epochs"),
         ("precision=fp8", "fp8"),
         ("algo.optimizer.name=adam", "adam"),
-        ("backbone.stem=tiny", "tiny"),
-        ("dataset.on_bad_image=ignore", "ignore"),
-        ("algo=byol", "algo/byol"),
+        ("backbone.stem=tiny", "Invalid value 'tiny', expected one of [imagenet, cifar]"),
+        ("dataset.on_bad_image=ignore", "Invalid value 'ignore', expected one of [skip, error]"),
+        ("algo=foo", "algo/foo"),
         ("backbone=resnet34", "backbone/resnet34"),
     ],
 )
 def test_typed_config_rejects_bad_values(override, match):
     extra = ["dataset=imagefolder", "dataset.root=/x"] if override.startswith("dataset.") else []
-    with pytest.raises((HydraException, ConfigCompositionException, OmegaConfBaseException), match=match):
+    with pytest.raises((HydraException, ConfigCompositionException, OmegaConfBaseException)) as e:
         compose_cfg(extra + [override])
+    assert match in str(e.value) + " " + str(e.value.__cause__)
+
+
+def test_vit_only_option_rejected_on_a_resnet():
+    with pytest.raises((HydraException, ConfigCompositionException), match="Could not override 'backbone.global_pool'"):
+        compose_cfg(["backbone=resnet18", "backbone.global_pool=avg"])
+    assert compose_cfg(["backbone=vit_tiny", "backbone.global_pool=avg"]).backbone.global_pool == "avg"
+
+
+# ---------------------------------------------------------------- one home per hyper-parameter
+# A config file holds only what differs from what it inherits: a group file from its schema (the
+# constructor's defaults), a specialisation from the config without it, an experiment from its groups.
+
+
+def _leaves(node, prefix=""):
+    """(dotted key, value) of every value a raw YAML sets; lists are leaves."""
+    if isinstance(node, DictConfig):
+        for key in node:
+            if key in ("defaults", "hydra"):
+                continue
+            yield from _leaves(node._get_node(key), f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], node
+
+
+def _value(node):
+    return OmegaConf.to_container(node, resolve=False) if isinstance(node, (DictConfig, ListConfig)) else node._value()
+
+
+def _restated(raw: DictConfig, base: DictConfig, prefix: str = "") -> list[str]:
+    """Keys of ``raw`` whose value equals ``base``'s at the same key (list entries are compared with
+    their element schema's defaults, since a list replaces the inherited list)."""
+    found = []
+    for key, node in _leaves(raw):
+        if key.endswith("_target_"):
+            continue  # names the class the schema is generated from
+        try:
+            inherited = OmegaConf.select(base, key, throw_on_resolution_failure=False, default="<absent>")
+        except OmegaConfBaseException:  # e.g. a required (???) value
+            inherited = "<absent>"
+        value = _value(node)
+        if isinstance(inherited, (DictConfig, ListConfig)):
+            inherited = OmegaConf.to_container(inherited, resolve=False)
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            node_ = base
+            for part in key.split("."):
+                node_ = node_._get_node(part)
+            element = node_._metadata.element_type
+            defaults = OmegaConf.structured(element)
+            for i, item in enumerate(value):
+                found += [f"{prefix}{key}[{i}].{k}" for k, v in item.items() if k in defaults and defaults[k] == v]
+            if value == inherited:
+                found.append(prefix + key)
+        elif value == inherited and not (isinstance(value, str) and value.startswith("${") and False):
+            found.append(prefix + key)
+    return found
+
+
+@pytest.mark.parametrize("group", ["algo", "backbone", "dataset", "schedule", "launcher"])
+def test_group_files_state_only_what_differs_from_the_schema(group):
+    from hydra.core.config_store import ConfigStore
+
+    for name in options(group):
+        raw = OmegaConf.load(CONF / group / f"{name}.yaml")
+        if group in ("algo", "backbone", "dataset"):
+            sub = "model" if group == "algo" else None
+            schema = OmegaConf.structured(group_schema(group, target_of(CONF / group / f"{name}.yaml", sub)))
+        else:
+            schema = ConfigStore.instance().load(f"schema/{group}/base.yaml").node
+        assert not _restated(raw, schema), f"conf/{group}/{name}.yaml restates its schema's defaults"
+
+
+def test_train_yaml_states_only_what_differs_from_the_schema():
+    from selfsup.config import TrainConfig
+
+    raw = OmegaConf.load(CONF / "train.yaml")
+    assert not _restated(raw, OmegaConf.structured(TrainConfig))
+
+
+@pytest.mark.parametrize("name", options("algo_dataset"))
+def test_specialisations_state_only_what_differs(name):
+    algo, dataset = name.split("_", 1)
+    raw = OmegaConf.load(CONF / "algo_dataset" / f"{name}.yaml")
+    without = compose([f"algo={algo}", f"dataset={dataset}", "~algo_dataset"])
+    assert not _restated(raw, without), f"conf/algo_dataset/{name}.yaml restates inherited values"
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiments_state_only_what_differs(name):
+    raw = OmegaConf.load(CONF / "experiment" / f"{name}.yaml")
+    groups = [
+        f"{d.split(':')[0].replace('override /', '').strip()}={d.split(':')[1].strip()}"
+        for d in (
+            next(iter(e.keys())) + ":" + next(iter(e.values())) if isinstance(e, DictConfig) else e
+            for e in raw.defaults
+        )
+    ]
+    without = compose(groups + ["dataset.root=/x"])
+    restated = _restated(raw, without)
+    assert not restated, f"conf/experiment/{name}.yaml restates {restated}"
+
+
+def test_the_restatement_check_can_fail(tmp_path):
+    """Planted: an experiment that restates a value its groups already give."""
+    exp = tmp_path / "experiment"
+    exp.mkdir()
+    (exp / "restating.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /algo: simclr\n  - override /schedule: cosine\n"
+        "schedule:\n  epochs: 200\n  batch_size: 999\nalgo:\n  views:\n    - size: 32\n      hflip: 0.5\n"
+    )
+    raw = OmegaConf.load(exp / "restating.yaml")
+    without = compose(["algo=simclr", "schedule=cosine"])
+    assert _restated(raw, without) == ["schedule.epochs", "algo.views[0].hflip"]

@@ -1,4 +1,29 @@
-"""What every algorithm offers the trainer."""
+"""What every algorithm offers the trainer, and what the trainer offers it.
+
+An algorithm is an ``nn.Module`` built around a backbone (``backbone -> neck -> head -> loss``) with
+``forward(batch) -> {"loss": scalar, other scalars to log...}``. Around the step, the trainer calls
+its hooks, in this order::
+
+    setup(num_samples)                    once, before a checkpoint is loaded (size memory banks)
+    on_train_start(ctx)                   once, before the first step (ODC's initial k-means); a no-op
+                                          when the state came from a checkpoint
+    for each epoch:
+        on_epoch_start(ctx)               (DeepCluster re-clusters every epoch)
+        for each step:
+            forward(batch) -> loss; backward
+            before_optimizer_step(state)  gradients are final (unscaled, clipped): SwAV freezes its
+                                          prototypes, DINO cancels its last layer's gradient
+            optimizer step, lr/wd schedules
+            after_step(state)             EMA / momentum encoders, centroids, queues
+
+``state`` (:class:`~selfsup.engine.state.TrainState`) says where training stands: epoch, step, steps
+per epoch, total steps; scalar schedules (:class:`~selfsup.engine.schedules.ScalarSchedule`) read it.
+
+**State that must survive a resume is declared once, as part of the module**: parameters, registered
+buffers (``register_buffer``), sub-modules (a momentum encoder, a queue, a memory bank) or
+``get_extra_state``. All of it is in ``state_dict()``, so every checkpoint carries it and resume
+restores it bit for bit; hooks keep nothing else between calls.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +32,8 @@ from typing import Protocol, TypedDict
 
 import torch
 from torch import Tensor, nn
+
+from selfsup.engine.state import TrainState
 
 
 class Batch(TypedDict):
@@ -18,9 +45,10 @@ class Batch(TypedDict):
 
 
 class TrainContext(Protocol):
-    """Services the trainer gives an algorithm in ``on_train_start``."""
+    """Services the trainer gives an algorithm in ``on_train_start`` and ``on_epoch_start``."""
 
     seed: int
+    state: TrainState
 
     def extract_features(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """``fn`` applied (in eval mode, no grad) to every training image with the deterministic
@@ -29,16 +57,7 @@ class TrainContext(Protocol):
 
 
 class Algorithm(nn.Module):
-    """Base class. A subclass builds its neck/head/loss around ``self.backbone`` and implements
-    ``forward(batch) -> {"loss": scalar, other scalars to log...}``.
-
-    Hooks (all optional):
-        setup(num_samples): allocate state sized by the dataset (memory banks); called before a
-            checkpoint is loaded, so that state is restored with the weights.
-        on_train_start(ctx): one-off work before the first step (ODC's initial k-means); must be
-            a no-op when resuming with restored state.
-        after_step(step): side machinery after each optimizer step (centroid updates, EMA, ...).
-    """
+    """Base class of every algorithm (see the module docstring for the hooks)."""
 
     #: total number of views the algorithm consumes per image (sum of ``copies`` in algo.views)
     num_views: int = 1
@@ -48,12 +67,19 @@ class Algorithm(nn.Module):
         self.backbone = backbone
 
     def setup(self, num_samples: int) -> None:  # noqa: B027 - optional hook
-        pass
+        """Allocate state sized by the dataset (memory banks); called before a checkpoint is loaded."""
 
     def on_train_start(self, ctx: TrainContext) -> None:  # noqa: B027 - optional hook
-        pass
+        """One-off work before the first step; must be a no-op when resuming with restored state."""
 
-    def after_step(self, step: int) -> dict[str, float] | None:
+    def on_epoch_start(self, ctx: TrainContext) -> None:  # noqa: B027 - optional hook
+        """Work at the start of every epoch (``ctx.state.epoch`` epochs are done)."""
+
+    def before_optimizer_step(self, state: TrainState) -> None:  # noqa: B027 - optional hook
+        """Edit gradients after backward (unscaled, clipped) and before the optimizer step."""
+
+    def after_step(self, state: TrainState) -> dict[str, float] | None:
+        """Side machinery after each optimizer step (``state.step`` counts it); scalars to log."""
         return None
 
     @torch.no_grad()

@@ -10,45 +10,16 @@ loss = MSE(pred, norm_pix(patchify(x)))        # on the masked patches only
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
 from selfsup.algorithms.base import Algorithm, Batch
 from selfsup.errors import ConfigError
 from selfsup.losses import MAEReconstructionLoss
+from selfsup.models.masking import patchify, random_masking
 from selfsup.models.vit import Block, VisionTransformer, init_transformer_weights, sincos_pos_embed_2d
-
-
-def patchify(imgs: Tensor, p: int) -> Tensor:
-    """[B, C, H, W] -> [B, L, p*p*C], pixels of a patch in (row, col, channel) order."""
-    b, c, h, w = imgs.shape
-    x = imgs.reshape(b, c, h // p, p, w // p, p)
-    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(patches: Tensor, p: int, c: int = 3) -> Tensor:
-    """[B, L, p*p*C] -> [B, C, H, W] (inverse of ``patchify``)."""
-    b, n, _ = patches.shape
-    g = int(n**0.5)
-    x = patches.reshape(b, g, g, p, p, c)
-    return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, g * p, g * p)
-
-
-def random_masking(tokens: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Keep a random subset of tokens per sample, by sorting uniform noise.
-
-    Returns the kept tokens [B, L_keep, D], the mask [B, L] (1 = removed, in the original order)
-    and ``restore`` [B, L], the permutation that puts shuffled tokens back in place.
-    """
-    b, n, d = tokens.shape
-    keep = int(n * (1 - mask_ratio))
-    noise = torch.rand(b, n, device=tokens.device)
-    shuffle = noise.argsort(dim=1)  # ascending: the first `keep` are kept
-    restore = shuffle.argsort(dim=1)
-    kept = torch.gather(tokens, 1, shuffle[:, :keep, None].expand(-1, -1, d))
-    mask = torch.ones(b, n, device=tokens.device)
-    mask[:, :keep] = 0
-    return kept, torch.gather(mask, 1, restore), restore
 
 
 class MAEDecoder(nn.Module):
@@ -86,6 +57,12 @@ class MAEDecoder(nn.Module):
         return self.pred(y[:, 1:])  # drop CLS: [B, L, p*p*C]
 
 
+class MAEOutput(NamedTuple):
+    loss: Tensor  # scalar: mean squared error over the removed patches
+    pred: Tensor  # [B, L, p*p*C] predicted pixels of every patch
+    mask: Tensor  # [B, L] 1 = removed (the loss is over these), 0 = seen by the encoder
+
+
 class MAE(Algorithm):
     num_views = 1
 
@@ -107,8 +84,14 @@ class MAE(Algorithm):
         super().__init__(backbone)
         self.mask_ratio = mask_ratio
         p, c = backbone.patch_size, backbone.in_chans
-        self.decoder = MAEDecoder(
-            backbone.num_patches, p * p * c, backbone.embed_dim, decoder_dim, decoder_depth, decoder_heads
+        self.decoder = MAEDecoder(  # the official decoder's MLP ratio is the encoder's
+            backbone.num_patches,
+            p * p * c,
+            backbone.embed_dim,
+            decoder_dim,
+            decoder_depth,
+            decoder_heads,
+            mlp_ratio=backbone.mlp_ratio,
         )
         self.loss_fn = MAEReconstructionLoss(norm_pix=norm_pix_loss)
 
@@ -118,13 +101,14 @@ class MAE(Algorithm):
     def compile_targets(self) -> list[nn.Module]:
         return [self.backbone.blocks, self.decoder]
 
-    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Predicted patches [B, L, p*p*C] and mask [B, L] for images x (used for visualisation)."""
-        kept, mask, restore = random_masking(self.backbone.embed(x), self.mask_ratio)
-        return self.decoder(self.backbone.encode(kept), restore), mask
+    def reconstruct(self, x: Tensor, noise: Tensor | None = None) -> MAEOutput:
+        """Loss, predicted patches [B, L, p*p*C] and mask [B, L] (1 = removed) of images x, from one
+        masking: a visualisation shows exactly the reconstruction whose loss was computed. ``noise``
+        [B, L] decides the mask (the ``noise`` of the official ``random_masking``: the smallest
+        values are kept); by default it is drawn from torch's RNG."""
+        kept, mask, restore = random_masking(self.backbone.embed(x), self.mask_ratio, noise)
+        pred = self.decoder(self.backbone.encode(kept), restore)
+        return MAEOutput(self.loss_fn(pred, patchify(x, self.backbone.patch_size), mask), pred, mask)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        x = batch["views"][0]
-        pred, mask = self.reconstruct(x)
-        loss = self.loss_fn(pred, patchify(x, self.backbone.patch_size), mask)
-        return {"loss": loss}
+        return {"loss": self.reconstruct(batch["views"][0]).loss}

@@ -3,7 +3,7 @@ as MMSelfSup implements it (``odc.py``, ``odc_memory.py``, ``odc_hook.py``).
 
     once, before training (skipped when resuming: the memory is in the checkpoint):
         F = L2norm(neck(backbone(all training images)))       # [N, 256], eval mode
-        labels = k-means(F, K)                                 # scikit-learn (faiss if installed)
+        labels = k-means(F, K)       # selfsup.clustering: each rank its shard on its GPU, or scikit-learn/faiss
         memory: features = F, labels, centroids = cluster means; re-init the head
     each step, for a batch x with dataset indices idx:
         f = neck(backbone(x))                                  # [B, 256]
@@ -21,33 +21,19 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup import distributed
 from selfsup.algorithms.base import Algorithm, Batch, TrainContext
+from selfsup.clustering import kmeans
+from selfsup.engine.state import TrainState
 from selfsup.errors import ConfigError
 from selfsup.losses import ClassWeightedCrossEntropy
 from selfsup.models.necks import ODCNeck
 
 log = logging.getLogger(__name__)
-
-
-def kmeans(features: np.ndarray, k: int, iters: int = 20, seed: int = 0) -> np.ndarray:
-    """Cluster labels [N] of ``features`` [N, D]: faiss when it is installed, else scikit-learn."""
-    try:
-        import faiss  # type: ignore[import-not-found]
-    except ImportError:
-        faiss = None
-    if faiss is not None:
-        km = faiss.Kmeans(features.shape[1], k, niter=iters, seed=seed, gpu=faiss.get_num_gpus() > 0)
-        km.train(np.ascontiguousarray(features, dtype=np.float32))
-        return km.index.search(np.ascontiguousarray(features, dtype=np.float32), 1)[1][:, 0].astype(np.int64)
-    from sklearn.cluster import KMeans
-
-    return KMeans(n_clusters=k, n_init=1, max_iter=iters, random_state=seed).fit_predict(features).astype(np.int64)
 
 
 class ODCMemory(nn.Module):
@@ -82,11 +68,14 @@ class ODCMemory(nn.Module):
     @torch.no_grad()
     def update_samples(self, index: Tensor, feature: Tensor) -> Tensor:
         """Momentum-update the memory features of a batch and relabel them; returns the fraction
-        of the (global) batch whose label changed."""
-        index = distributed.all_gather(index)
-        feature = distributed.all_gather(F.normalize(feature.float(), dim=1))
-        new = F.normalize((1 - self.momentum) * self.features[index] + self.momentum * feature, dim=1)
-        new_labels = (new @ self.centroids.T).argmax(dim=1)
+        of the (global) batch whose label changed. Always float32, also when called under autocast:
+        in bf16 near-equal centroid scores round together and the argmax picks the lowest cluster id
+        (86% of labels changed on a random ResNet-50 at K=200), so low ids grow and high ids starve."""
+        with torch.autocast(device_type=self.features.device.type, enabled=False):
+            index = distributed.all_gather(index)
+            feature = distributed.all_gather(F.normalize(feature.float(), dim=1))
+            new = F.normalize((1 - self.momentum) * self.features[index] + self.momentum * feature, dim=1)
+            new_labels = (new @ self.centroids.T).argmax(dim=1)
         distributed.broadcast_(new)
         distributed.broadcast_(new_labels)
         change_ratio = (new_labels != self.labels[index]).float().mean()
@@ -122,8 +111,9 @@ class ODCMemory(nn.Module):
             large[small] = False
             large_ids = large.nonzero()[:, 0]
             members = torch.isin(self.labels, small)
-            if members.any():  # move them to the nearest centroid that is not small
-                sims = self.features[members] @ self.centroids[large_ids].T
+            if members.any():  # move them to the nearest centroid that is not small (float32, see update_samples)
+                with torch.autocast(device_type=self.features.device.type, enabled=False):
+                    sims = self.features[members] @ self.centroids[large_ids].T
                 self.labels[members] = large_ids[sims.argmax(dim=1)]
             for empty in small.tolist():
                 biggest = int(self.counts().argmax())
@@ -208,12 +198,16 @@ class ODC(Algorithm):
         if bool(memory.initialized):
             return
         feats = F.normalize(ctx.extract_features(lambda x: self.neck(self.backbone(x))).float(), dim=1)
-        labels = torch.zeros(len(feats), dtype=torch.long, device=feats.device)
-        if distributed.is_main_process():
-            log.info("ODC: k-means of %d features into %d clusters", len(feats), self.num_clusters)
-            km = kmeans(feats.cpu().numpy(), self.num_clusters, self.kmeans_iters, self.kmeans_seed + ctx.seed)
-            labels.copy_(torch.from_numpy(km))
-        distributed.broadcast_(labels)
+        # every rank clusters its shard of the rows (on its GPU; scikit-learn/faiss in one CPU process)
+        rank, world = distributed.get_rank(), distributed.get_world_size()
+        bounds = [len(feats) * r // world for r in range(world + 1)]
+        local = kmeans(
+            feats[bounds[rank] : bounds[rank + 1]], self.num_clusters, self.kmeans_iters, self.kmeans_seed + ctx.seed
+        )
+        padded = torch.full((bounds[1] + 1,), -1, dtype=torch.long, device=feats.device)  # shards differ by <= 1 row
+        padded[: len(local)] = local
+        gathered = distributed.all_gather(padded).view(world, -1)
+        labels = torch.cat([gathered[r, : bounds[r + 1] - bounds[r]] for r in range(world)])
         memory.init_memory(feats, labels)
         memory.deal_with_small_clusters(self.kmeans_seed)
         memory.update_class_weight(self.reweight_pow)
@@ -234,9 +228,9 @@ class ODC(Algorithm):
         change_ratio = memory.update_samples(index, feat.detach())
         return {"loss": loss, "change_ratio": change_ratio}
 
-    def after_step(self, step: int) -> dict[str, float] | None:
+    def after_step(self, state: TrainState) -> dict[str, float] | None:
         memory = self._memory()
-        if step % self.centroid_interval == 0:
+        if state.step % self.centroid_interval == 0:
             memory.update_centroids()
         refilled = memory.deal_with_small_clusters(self.kmeans_seed)
         memory.update_class_weight(self.reweight_pow)

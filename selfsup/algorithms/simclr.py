@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from selfsup.algorithms.base import Algorithm, Batch
 from selfsup.losses import NTXentLoss
-from selfsup.models.necks import MLPNeck
+from selfsup.models.necks import SimCLRProjectionHead
 
 
 class SimCLR(Algorithm):
@@ -30,7 +30,7 @@ class SimCLR(Algorithm):
         temperature: float = 0.1,
     ) -> None:
         super().__init__(backbone)
-        self.neck = MLPNeck(backbone.num_features, hidden_dim, out_dim, num_layers)
+        self.neck = SimCLRProjectionHead(backbone.num_features, hidden_dim, out_dim, num_layers)
         self.loss_fn = NTXentLoss(temperature)
 
     def compile_targets(self) -> list[nn.Module]:

@@ -15,7 +15,9 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,6 +31,15 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from selfsup.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackboneHints:
+    """What suits a dataset's resolution; backbone configs read these through interpolation
+    (``backbone.stem: ${dataset.hints.stem}``), so the choice follows the dataset unless set."""
+
+    stem: str = "imagenet"  # ResNet stem: imagenet | cifar (validated by the backbone's schema)
+    patch_size: int = 16  # ViT patch size
 
 
 def _check_split(split: str) -> None:
@@ -128,8 +139,8 @@ class Digits(InMemoryImages):
         self,
         split: str = "train",
         image_size: int = 32,
-        mean: Sequence[float] = (0.5,) * 3,
-        std: Sequence[float] = (0.5,) * 3,
+        mean: Sequence[float] = (0.30,) * 3,  # of the upscaled training digits
+        std: Sequence[float] = (0.37,) * 3,
         val_fraction: float = 0.2,
         split_seed: int = 0,
     ) -> None:
@@ -194,7 +205,7 @@ class CIFAR10(InMemoryImages):
         val_fraction: float = 0.1,
         split_seed: int = 0,
         download: bool = False,
-        val_split: str = "holdout",
+        val_split: Literal["holdout", "test"] = "holdout",
     ) -> None:
         _check_split(split)
         from torchvision.datasets import CIFAR10 as TVCIFAR10
@@ -242,7 +253,7 @@ class ImageFolder(ImageDataset):
         val_fraction: float = 0.0,
         split_seed: int = 0,
         val_root: str | None = None,
-        on_bad_image: str = "skip",
+        on_bad_image: Literal["skip", "error"] = "skip",
     ) -> None:
         _check_split(split)
         super().__init__(image_size, mean, std)

@@ -11,19 +11,39 @@ A checkpoint is a dict of tensors and plain Python values only, so it loads with
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from selfsup import distributed
 from selfsup.errors import CheckpointError
 
 FORMAT = "selfsup-checkpoint"
+log = logging.getLogger("selfsup")
+
+
+@dataclass
+class CheckpointConfig:
+    """``checkpoint``: which epoch checkpoints are kept (``last.pt`` is rewritten every epoch)."""
+
+    interval: int = 1  # keep epoch_NNNN.pt every N epochs (and the final one); 0 = only last.pt
+    keep: int = 0  # keep only the newest N epoch_NNNN.pt (0 = all)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
@@ -71,7 +91,7 @@ def find_last(run_dir: str | os.PathLike) -> Path | None:
     return last if last.is_file() else None
 
 
-def _summarise(keys: list[str], limit: int = 5) -> str:
+def summarise(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
     return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
 
@@ -89,17 +109,92 @@ def load_model_state(model: nn.Module, state: dict[str, Any], source: str) -> No
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_summarise(missing)}")
+            parts.append(f"missing keys: {summarise(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_summarise(unexpected)}")
+            parts.append(f"unexpected keys: {summarise(unexpected)}")
         if shapes:
-            parts.append(f"shape mismatches (checkpoint vs model): {_summarise(shapes, 3)}")
+            parts.append(f"shape mismatches (checkpoint vs model): {summarise(shapes, 3)}")
         raise CheckpointError(
             f"{source} holds another architecture than this run's model — "
             + "; ".join(parts)
             + ". Resume with the same algo/backbone/dataset options as the run that wrote it"
         )
     model.load_state_dict(state)
+
+
+def link_or_save(src: Path, dst: Path, state: dict[str, Any]) -> None:
+    """Point ``dst`` at the same bytes as ``src`` (hard link, atomic rename); write a copy if the
+    file system has no hard links."""
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        save_atomic(state, dst)
+
+
+class CheckpointManager:
+    """Saves and restores a run's stateful objects (``state_dict`` / ``load_state_dict``) in one
+    ``weights_only``-loadable file, with every rank's RNG states.
+
+    ``save`` is collective (all ranks gather their RNG states; rank 0 writes): ``last.pt`` every call,
+    and ``epoch_NNNN.pt`` every ``interval`` epochs and at the end, of which the newest ``keep`` are
+    kept; ``last.pt`` is then a hard link to the epoch file, not a second copy. ``restore`` loads a
+    checkpoint into the objects (the ``model`` entry strictly, with a report of every mismatch) and
+    this rank's RNG state, and returns the checkpoint for the caller's own entries.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, cfg: CheckpointConfig, stateful: Mapping[str, Stateful]) -> None:
+        self.run_dir, self.cfg, self.stateful = Path(run_dir), cfg, dict(stateful)
+
+    @property
+    def last(self) -> Path | None:
+        return find_last(self.run_dir)
+
+    def save(self, epoch: int, step: int, final: bool, extra: Mapping[str, Any] | None = None) -> Path:
+        rng = rng_state()
+        rngs: list[Any] = [rng]
+        if distributed.get_world_size() > 1:
+            rngs = [None] * distributed.get_world_size()
+            dist.all_gather_object(rngs, rng)
+        path = self.run_dir / "last.pt"
+        if distributed.is_main_process():
+            state: dict[str, Any] = {"format": FORMAT, "version": 1, "epoch": epoch, "step": step}
+            state.update({name: obj.state_dict() for name, obj in self.stateful.items()})
+            state["rng"] = rngs
+            state.update(extra or {})
+            interval, keep = self.cfg.interval, self.cfg.keep
+            if interval > 0 and (epoch % interval == 0 or final):
+                epoch_path = save_atomic(state, self.run_dir / f"epoch_{epoch:04d}.pt")
+                link_or_save(epoch_path, path, state)
+                if keep > 0:
+                    for old in sorted(self.run_dir.glob("epoch_*.pt"))[:-keep]:
+                        old.unlink(missing_ok=True)
+            else:
+                save_atomic(state, path)
+        distributed.barrier()
+        return path
+
+    def restore(self, path: str | os.PathLike) -> dict[str, Any]:
+        state = load(path)
+        for name, obj in self.stateful.items():
+            if name == "model":
+                assert isinstance(obj, nn.Module)
+                load_model_state(obj, state[name], str(path))
+            elif state.get(name):  # e.g. an empty grad-scaler state when fp16 was off
+                obj.load_state_dict(state[name])
+        rngs = state.get("rng") or []
+        if len(rngs) == distributed.get_world_size():
+            set_rng_state(rngs[distributed.get_rank()])
+        else:
+            log.warning(
+                "checkpoint has RNG states for %d process(es), this run has %d: reseeding",
+                len(rngs),
+                distributed.get_world_size(),
+            )
+            state["rng_restored"] = False
+        return state
 
 
 def rng_state() -> dict[str, Any]:

@@ -11,10 +11,20 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("selfsup")
+
+
+@dataclass
+class LogConfig:
+    """``log``: how often and where metrics go."""
+
+    interval: int = 10  # optimizer steps between log lines / metrics records
+    tensorboard: bool = True  # also write TensorBoard event files to <run dir>/tb
+    progress: bool = True  # a progress bar on a TTY (plain log lines otherwise)
 
 
 class MetricLogger:

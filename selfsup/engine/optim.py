@@ -1,9 +1,10 @@
 """Optimizer construction: parameter groups (no decay on norms/biases, per-name overrides) and
-SGD / AdamW (fused on CUDA) / LARS."""
+SGD / AdamW (fused on CUDA) / LARS, configured by :class:`OptimizerConfig` (``algo.optimizer``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
@@ -11,6 +12,46 @@ from torch import nn
 
 from selfsup.engine.lars import LARS
 from selfsup.errors import ConfigError
+
+
+class OptimizerName(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+    lars = "lars"
+
+
+@dataclass
+class ParamOverride:
+    """Per-parameter options for every parameter whose name contains the key (``paramwise``)."""
+
+    lr_mult: float = 1.0
+    decay_mult: float = 1.0
+    momentum: float | None = None
+    lars_exclude: bool | None = None
+    fixed_lr: bool = False  # keep the base lr: no schedule (SimSiam's predictor)
+
+
+@dataclass
+class OptimizerConfig:
+    """``algo.optimizer``: the optimizer of an algorithm's recipe. ``lr`` is for a global batch of
+    ``base_batch_size`` images (linear scaling rule, ``schedule.scale_lr``)."""
+
+    name: OptimizerName = OptimizerName.sgd
+    lr: float = 0.1
+    base_batch_size: int = 256
+    weight_decay: float = 0.0
+    # cosine schedule of the weight decay from weight_decay to this value (DINO); null = constant
+    weight_decay_end: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    lars_eta: float = 0.001
+    # 1-D parameters (biases, norm weights) and the algorithm's no_weight_decay() names get wd 0
+    no_decay_norm_bias: bool = True
+    # also exclude them from LARS' trust ratio (SimCLR/BYOL recipes)
+    lars_exclude_norm_bias: bool = True
+    paramwise: dict[str, ParamOverride] = field(default_factory=dict)
 
 
 def scaled_lr(base_lr: float, global_batch: int, base_batch_size: int, enabled: bool = True) -> float:
@@ -22,37 +63,59 @@ def scaled_lr(base_lr: float, global_batch: int, base_batch_size: int, enabled: 
     return base_lr * global_batch / base_batch_size if enabled else base_lr
 
 
-def param_groups(model: nn.Module, cfg: Mapping[str, Any], lr: float) -> list[dict[str, Any]]:
+def _name(name: Any) -> OptimizerName:
+    try:
+        return OptimizerName(name)
+    except ValueError:
+        raise ConfigError(f"algo.optimizer.name={name!r} must be sgd, adamw or lars") from None
+
+
+def _as_config(cfg: OptimizerConfig | dict[str, Any]) -> OptimizerConfig:
+    if isinstance(cfg, OptimizerConfig):
+        return cfg
+    values = dict(cfg)
+    values["paramwise"] = {
+        k: v if isinstance(v, ParamOverride) else ParamOverride(**v) for k, v in (values.get("paramwise") or {}).items()
+    }
+    return OptimizerConfig(**values)
+
+
+def param_groups(model: nn.Module, cfg: OptimizerConfig | dict[str, Any], lr: float) -> list[dict[str, Any]]:
     """Group trainable parameters by their options.
 
     Defaults: lr, cfg.weight_decay, cfg.momentum. With ``no_decay_norm_bias``, 1-D parameters
     (biases, norm weights) and the model's ``no_weight_decay()`` names get weight decay 0 (and are
     excluded from LARS' trust ratio with ``lars_exclude_norm_bias``). Then every ``paramwise``
     entry whose key is a substring of the parameter name applies its lr_mult / decay_mult /
-    momentum / lars_exclude.
+    momentum / lars_exclude / fixed_lr. Each group records its ``base_weight_decay`` (for a weight
+    decay schedule) and ``fixed_lr``.
     """
+    cfg = _as_config(cfg)
+    name_ = _name(cfg.name)
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    paramwise = dict(cfg.get("paramwise") or {})
     groups: dict[tuple, dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        opts: dict[str, Any] = {"lr": lr, "weight_decay": float(cfg["weight_decay"]), "lars_exclude": False}
-        if cfg["name"] != "adamw":
-            opts["momentum"] = float(cfg["momentum"])
-        if cfg["no_decay_norm_bias"] and (p.ndim <= 1 or name in skip):
+        opts: dict[str, Any] = {"lr": lr, "weight_decay": float(cfg.weight_decay), "lars_exclude": False}
+        opts["fixed_lr"] = False
+        if name_ is not OptimizerName.adamw:
+            opts["momentum"] = float(cfg.momentum)
+        if cfg.no_decay_norm_bias and (p.ndim <= 1 or name in skip):
             opts["weight_decay"] = 0.0
-            opts["lars_exclude"] = bool(cfg["lars_exclude_norm_bias"])
-        for key, over in paramwise.items():
+            opts["lars_exclude"] = bool(cfg.lars_exclude_norm_bias)
+        for key, over in cfg.paramwise.items():
             if key in name:
-                opts["lr"] *= float(over["lr_mult"])
-                opts["weight_decay"] *= float(over["decay_mult"])
-                if over.get("momentum") is not None and "momentum" in opts:
-                    opts["momentum"] = float(over["momentum"])
-                if over.get("lars_exclude") is not None:
-                    opts["lars_exclude"] = bool(over["lars_exclude"])
-        if cfg["name"] != "lars":
+                opts["lr"] *= float(over.lr_mult)
+                opts["weight_decay"] *= float(over.decay_mult)
+                if over.momentum is not None and "momentum" in opts:
+                    opts["momentum"] = float(over.momentum)
+                if over.lars_exclude is not None:
+                    opts["lars_exclude"] = bool(over.lars_exclude)
+                opts["fixed_lr"] = opts["fixed_lr"] or bool(over.fixed_lr)
+        if name_ is not OptimizerName.lars:
             opts.pop("lars_exclude")
+        opts["base_weight_decay"] = opts["weight_decay"]
         group = groups.setdefault(tuple(sorted(opts.items())), {**opts, "params": []})
         group["params"].append(p)
     if not groups:
@@ -60,35 +123,26 @@ def param_groups(model: nn.Module, cfg: Mapping[str, Any], lr: float) -> list[di
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], lr: float, fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig | dict[str, Any], lr: float, fused: bool = False
+) -> torch.optim.Optimizer:
     """``cfg`` is ``algo.optimizer``; ``lr`` the effective (possibly batch-scaled) learning rate."""
+    cfg = _as_config(cfg)
     groups = param_groups(model, cfg, lr)
-    name = str(cfg["name"])
-    if name == "sgd":
+    name = _name(cfg.name)
+    if name is OptimizerName.sgd:
         return torch.optim.SGD(
             groups,
             lr=lr,
-            momentum=cfg["momentum"],
-            nesterov=cfg["nesterov"],
-            weight_decay=cfg["weight_decay"],
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
             fused=fused or None,
         )
-    if name == "adamw":
+    if name is OptimizerName.adamw:
         return torch.optim.AdamW(
-            groups,
-            lr=lr,
-            betas=tuple(cfg["betas"]),
-            eps=cfg["eps"],
-            weight_decay=cfg["weight_decay"],
-            fused=fused or None,
+            groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused or None
         )
-    if name == "lars":
-        return LARS(
-            groups,
-            lr=lr,
-            momentum=cfg["momentum"],
-            weight_decay=cfg["weight_decay"],
-            eta=cfg["lars_eta"],
-            nesterov=cfg["nesterov"],
-        )
-    raise ConfigError(f"algo.optimizer.name={name!r} must be sgd, adamw or lars")
+    return LARS(
+        groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta, nesterov=cfg.nesterov
+    )

@@ -10,9 +10,28 @@ Defaults k = 20, T = 0.07 as in InstDisc and MMSelfSup's kNN benchmark.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from selfsup.data.datasets import ImageDataset
+from selfsup.data.views import Normalize
+from selfsup.eval.features import extract_features
+
+
+@dataclass
+class KNNConfig:
+    """``knn``: the weighted-kNN monitor of a training run."""
+
+    enabled: bool = True  # before and after training, on the held-out split
+    interval: int = 0  # also every N epochs (0 = only before and after training)
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 256  # images per feature-extraction batch
 
 
 @torch.no_grad()
@@ -57,3 +76,49 @@ def knn_accuracy(
     if num_classes > 5:
         result["top5"] = (ranked[:, :5] == labels[:, None]).any(dim=1).float().mean().item()
     return result
+
+
+class KNNMonitor:
+    """Weighted kNN top-1/top-5 of a model's evaluation features (``model.extract``, eval mode, the
+    datasets' deterministic eval transform): the training split is the bank, the held-out split the
+    queries. ``None`` when there is no labelled held-out split."""
+
+    def __init__(
+        self,
+        cfg: KNNConfig,
+        train_set: ImageDataset,
+        val_set: ImageDataset | None,
+        normalize: Normalize,
+        autocast: Callable[[], AbstractContextManager] | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        self.cfg, self.train_set, self.val_set = cfg, train_set, val_set
+        self.normalize, self.autocast, self.num_workers = normalize, autocast, num_workers
+
+    def features(
+        self, model: nn.Module, fn: Callable[[Tensor], Tensor], dataset: ImageDataset
+    ) -> tuple[Tensor, Tensor]:
+        """``fn`` over ``dataset`` with ``model`` in eval mode (its mode is restored afterwards)."""
+        was_training = model.training
+        model.eval()
+        try:
+            return extract_features(
+                fn,
+                dataset,
+                self.normalize,
+                batch_size=self.cfg.batch_size,
+                num_workers=self.num_workers,
+                autocast=self.autocast,
+            )
+        finally:
+            model.train(was_training)
+
+    def __call__(self, model: nn.Module) -> dict[str, float] | None:
+        if self.val_set is None:
+            return None
+        extract = model.extract  # type: ignore[attr-defined]
+        bank, bank_labels = self.features(model, extract, self.train_set)
+        queries, query_labels = self.features(model, extract, self.val_set)
+        return knn_accuracy(
+            queries, query_labels, bank, bank_labels, self.train_set.num_classes, self.cfg.k, self.cfg.temperature
+        )

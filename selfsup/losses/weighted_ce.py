@@ -18,6 +18,12 @@ class ClassWeightedCrossEntropy(nn.Module):
 
     ODC sets ``w_c proportional to count_c ** -0.5`` from the cluster sizes in its memory (the
     scale of w cancels). Without weights this is the plain mean cross entropy.
+
+    The normaliser is ``sum_i w_{y_i}`` (torch's weighted mean), as in MMSelfSup 0.x, whose
+    ``ClsHead`` called ``F.cross_entropy(..., weight=w)`` and which trained the published ODC model.
+    MMSelfSup 1.x's ``CrossEntropyLoss`` with ``class_weight`` divides by the batch size instead;
+    the two differ by the factor ``mean_i w_{y_i}``, which changes the effective learning rate as the
+    clusters' sizes change. selfsup keeps 0.x.
     """
 
     def forward(self, logits: Tensor, labels: Tensor, class_weight: Tensor | None = None) -> Tensor:

@@ -6,15 +6,22 @@ from torch import Tensor, nn
 
 
 class MLPNeck(nn.Module):
-    """Projection MLP of SimCLR (and MoCo v2 / BYOL-style methods).
+    """Projection / prediction MLP (MMSelfSup's ``NonLinearNeck``).
 
     ``num_layers`` linear layers: Linear -> BN -> ReLU for all but the last, then Linear (-> BN if
-    ``last_bn``). Linears followed by BN have no bias. Defaults follow MMSelfSup's SimCLR neck
+    ``last_bn``). ``bias=None``: a Linear has a bias only when no BN follows it; ``bias=True``: every
+    Linear has one (MMSelfSup's ``with_bias=True``, BYOL). Defaults follow MMSelfSup's SimCLR neck
     (2 layers, hidden 2048, output 128, BN after the last layer).
     """
 
     def __init__(
-        self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2, last_bn: bool = True
+        self,
+        in_dim: int,
+        hidden_dim: int = 2048,
+        out_dim: int = 128,
+        num_layers: int = 2,
+        last_bn: bool = True,
+        bias: bool | None = None,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -24,7 +31,7 @@ class MLPNeck(nn.Module):
         for i in range(num_layers):
             last = i == num_layers - 1
             with_bn = last_bn or not last
-            layers.append(nn.Linear(dims[i], dims[i + 1], bias=not with_bn))
+            layers.append(nn.Linear(dims[i], dims[i + 1], bias=bias if bias is not None else not with_bn))
             if with_bn:
                 layers.append(nn.BatchNorm1d(dims[i + 1]))
             if not last:
@@ -33,6 +40,29 @@ class MLPNeck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(x)
+
+
+class SimCLRProjectionHead(MLPNeck):
+    """SimCLR's projection head g (Chen et al. 2020, Sec. 2.1; MMSelfSup's neck): ``num_layers`` Linear
+    layers with BN (and ReLU between), BN after the last one too, no biases: 2048 -> 2048 -> 128."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2) -> None:
+        super().__init__(in_dim, hidden_dim, out_dim, num_layers, last_bn=True)
+
+
+class BYOLProjectionHead(MLPNeck):
+    """BYOL's projector g (Grill et al. 2020, Sec. 3.3): Linear(4096) -> BN -> ReLU -> Linear(256), with
+    biases and no BN on the output (MMSelfSup: ``NonLinearNeck(with_bias=True, with_last_bn=False)``)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> None:
+        super().__init__(in_dim, hidden_dim, out_dim, num_layers=2, last_bn=False, bias=True)
+
+
+class BYOLPredictionHead(BYOLProjectionHead):
+    """BYOL's predictor q (Grill et al. 2020, Sec. 3.3): the projector's architecture on its 256-d output."""
+
+    def __init__(self, in_dim: int = 256, hidden_dim: int = 4096, out_dim: int = 256) -> None:
+        super().__init__(in_dim, hidden_dim, out_dim)
 
 
 class ODCNeck(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torchvision
 from torch import Tensor, nn
@@ -22,7 +24,9 @@ class ResNet(nn.Module):
         zero_init_residual: zero the last BN of each residual branch (SimCLR recipe).
     """
 
-    def __init__(self, arch: str = "resnet50", stem: str = "imagenet", zero_init_residual: bool = False) -> None:
+    def __init__(
+        self, arch: str = "resnet50", stem: Literal["imagenet", "cifar"] = "imagenet", zero_init_residual: bool = False
+    ) -> None:
         super().__init__()
         if not arch.startswith(("resnet", "resnext", "wide_resnet")) or not hasattr(torchvision.models, arch):
             raise ConfigError(f"backbone.arch={arch!r} is not a torchvision ResNet (e.g. resnet18, resnet50)")

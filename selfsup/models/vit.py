@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -80,10 +82,15 @@ def init_transformer_weights(module: nn.Module) -> None:
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder. ``forward`` returns a pooled feature [B, D] (CLS token or mean of patches).
+    """ViT encoder. ``forward`` returns a pooled feature [B, D]:
+
+    * ``global_pool="token"``: ``norm(x)[:, 0]``, the normalised CLS token;
+    * ``global_pool="avg"``: ``fc_norm(mean of the patch tokens)``, as timm's ViT and MAE's fine-tuning
+      model do (the patch tokens are averaged *before* a LayerNorm of its own, not normalised one by one).
 
     Masked-image algorithms use the two halves separately: ``embed`` (patches + positions, no CLS)
-    and ``encode`` (prepend CLS, transformer blocks, final norm) on whichever tokens they keep.
+    and ``encode`` (prepend CLS, transformer blocks, final ``norm``) on whichever tokens they keep;
+    ``encode`` is MAE's pre-training encoder in both pooling modes.
     """
 
     def __init__(
@@ -97,7 +104,7 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
-        global_pool: str = "token",
+        global_pool: Literal["token", "avg"] = "token",
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -118,6 +125,8 @@ class VisionTransformer(nn.Module):
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool == "avg" else nn.Identity()
+        self.mlp_ratio = mlp_ratio
         self.apply(init_transformer_weights)
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -133,11 +142,17 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}")
         return self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
 
+    def blocks_with_cls(self, tokens: Tensor) -> Tensor:
+        """Prepend the CLS token and run the blocks (no final norm): [B, L', D] -> [B, 1 + L', D]."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        return self.blocks(torch.cat([cls, tokens], dim=1))
+
     def encode(self, tokens: Tensor) -> Tensor:
         """Prepend the CLS token, run the blocks and the final norm: [B, L', D] -> [B, 1 + L', D]."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        return self.norm(self.blocks(torch.cat([cls, tokens], dim=1)))
+        return self.norm(self.blocks_with_cls(tokens))
 
     def forward(self, x: Tensor) -> Tensor:
-        z = self.encode(self.embed(x))
-        return z[:, 0] if self.global_pool == "token" else z[:, 1:].mean(dim=1)
+        z = self.blocks_with_cls(self.embed(x))  # [B, 1 + L, D]
+        if self.global_pool == "token":
+            return self.norm(z[:, 0])
+        return self.fc_norm(z[:, 1:].mean(dim=1))

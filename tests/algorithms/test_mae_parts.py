@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from references import mae_reference
-from selfsup.algorithms.mae import patchify, random_masking, unpatchify
+from selfsup.models.masking import patchify, random_masking, unpatchify
 
 
 def patchify_reference(imgs: np.ndarray, p: int) -> np.ndarray:
@@ -134,10 +134,36 @@ def test_forward_loss_is_on_the_masked_patches_only(norm_pix):
     loss = mae({"views": [x], "index": torch.arange(3), "label": torch.zeros(3, dtype=torch.long)})["loss"]
     torch.manual_seed(5)
     with torch.no_grad():
-        pred, mask = mae.reconstruct(x)
+        out = mae.reconstruct(x)
     target = patchify(x, 4).numpy()
-    assert mask.sum().item() == 3 * 12  # 75% of 16 patches per image
-    expected = mae_reference(pred.numpy(), target, mask.numpy(), norm_pix)
-    all_patches = mae_reference(pred.numpy(), target, np.ones_like(mask.numpy()), norm_pix)
+    assert out.mask.sum().item() == 3 * 12  # 75% of 16 patches per image
+    expected = mae_reference(out.pred.numpy(), target, out.mask.numpy(), norm_pix)
+    all_patches = mae_reference(out.pred.numpy(), target, np.ones_like(out.mask.numpy()), norm_pix)
     assert abs(expected - all_patches) > 1e-3  # the kept patches change the value: the check can fail
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)  # one call: loss, prediction and mask agree
+
+
+def test_reconstruct_with_given_noise():
+    """The caller's noise decides the mask (the 4 largest of 16 values per image are kept... removed: MAE keeps
+    the smallest), independently of the RNG, so a visualisation can fix it."""
+    mae = _tiny_mae()
+    x = torch.randn(2, 3, 16, 16)
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = mae.reconstruct(x, noise)
+        torch.manual_seed(123)
+        b = mae.reconstruct(x, noise)
+    torch.testing.assert_close(a.pred, b.pred)
+    expected_mask = torch.zeros(2, 16)
+    expected_mask.scatter_(1, noise.argsort(dim=1)[:, 4:], 1.0)  # all but the 4 smallest are removed
+    assert torch.equal(a.mask, expected_mask)
+
+
+def test_decoder_mlp_ratio_follows_the_encoder():
+    from selfsup.algorithms.mae import MAE
+    from selfsup.models.vit import VisionTransformer
+
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)
+    mae = MAE(vit, decoder_dim=24, decoder_depth=1, decoder_heads=2)
+    assert mae.decoder.blocks[0].mlp[0].out_features == 48  # 24 x the encoder's 2.0, not 4

@@ -9,21 +9,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from conftest import compose_cfg, run_training, tiny
-from selfsup.data.views import Normalize, build_view_transform, expand_views
+from conftest import ALGOS, compose_cfg, run_training, tiny
+from selfsup.config import typed
+from selfsup.data.views import Normalize, build_view_transform
+from selfsup.engine.build import build, build_algorithm, build_backbone, build_dataset, view_specs
 from selfsup.engine.optim import build_optimizer
-from selfsup.engine.trainer import build, build_dataset
+from selfsup.engine.state import TrainState
 from selfsup.errors import ConfigError
-
-ALGOS = ["simclr", "odc", "mae"]
 
 
 class _Ctx:
     """TrainContext over a fixed tensor of images."""
 
     seed = 0
+    state = TrainState()
 
     def __init__(self, algo, images, normalize):
         self.algo, self.images, self.normalize = algo, images, normalize
@@ -37,14 +37,12 @@ class _Ctx:
 
 
 def _build(algo_name: str, dataset: str, n: int, extra: list[str] | None = None):
-    cfg = compose_cfg(tiny(algo_name, dataset) + (extra or []))
-    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    ds = build_dataset(c["dataset"], "train")
-    algo = build(c["algo"]["model"], backbone=build(c["backbone"]))
-    algo.setup(n)
+    c = typed(compose_cfg(tiny(algo_name, dataset) + (extra or [])))
+    ds = build_dataset(c.dataset, "train")
+    algo = build_algorithm(c, n)
     normalize = Normalize(ds.mean, ds.std, torch.device("cpu"))
     images = torch.stack([ds[i][0] for i in range(n)])
-    transforms = [build_view_transform(v) for v in expand_views(c["algo"]["views"])]
+    transforms = [build_view_transform(v) for v in view_specs(c)]
     return c, algo, images, normalize, transforms
 
 
@@ -55,7 +53,7 @@ def test_loss_goes_down_on_a_fixed_batch(algo_name, dataset):
     n, steps = 32, 30
     c, algo, images, normalize, transforms = _build(algo_name, dataset, n)
     algo.on_train_start(_Ctx(algo, images, normalize))
-    opt = build_optimizer(algo, c["algo"]["optimizer"], c["algo"]["optimizer"]["lr"])
+    opt = build_optimizer(algo, c.algo.optimizer, c.algo.optimizer.lr)
     views = [normalize(torch.stack([t(img) for img in images])) for t in transforms]
     batch = {"views": views, "index": torch.arange(n), "label": torch.zeros(n, dtype=torch.long)}
     losses = []
@@ -64,7 +62,7 @@ def test_loss_goes_down_on_a_fixed_batch(algo_name, dataset):
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        algo.after_step(step)
+        algo.after_step(TrainState(step=step, steps_per_epoch=steps, epochs=1))
         losses.append(out["loss"].item())
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
@@ -188,16 +186,14 @@ def test_odc_memory_update_follows_the_formula(m):
 
 
 def test_odc_rejects_more_clusters_than_images():
-    cfg = compose_cfg(tiny("odc") + ["algo.model.num_clusters=500"])
-    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    algo = build(c["algo"]["model"], backbone=build(c["backbone"]))
-    with pytest.raises(ConfigError, match="more clusters"):
-        algo.setup(64)
-    algo2 = build({**c["algo"]["model"], "num_clusters": 40, "min_cluster": 5}, backbone=build(c["backbone"]))
-    with pytest.raises(ConfigError, match="min_cluster"):
+    c = typed(compose_cfg(tiny("odc") + ["algo.model.num_clusters=500"]))
+    with pytest.raises(ConfigError, match=r"more clusters \(algo.model.num_clusters=500\) than training images \(64\)"):
+        build_algorithm(c, 64)
+    algo2 = build(c.algo.model, backbone=build_backbone(c.backbone), num_clusters=40, min_cluster=5)
+    with pytest.raises(ConfigError, match="num_clusters x min_cluster = 40 x 5 <= 64"):
         algo2.setup(64)
 
 
 def test_views_must_match_the_algorithm(tmp_path):
-    with pytest.raises(ConfigError, match="takes 2 view"):
+    with pytest.raises(ConfigError, match=r"SimCLR takes 2 view\(s\) per image but algo.views declares 1"):
         run_training(tiny("simclr") + ["algo.views.0.copies=1"], tmp_path)

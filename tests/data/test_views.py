@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from conftest import compose_cfg
+from conftest import ALGOS, compose_cfg
 from selfsup.data.datasets import FakeImages
-from selfsup.data.views import MultiViewDataset, Normalize, build_view_transform, expand_views
-from selfsup.engine.trainer import SeededSampler, SeededViews
+from selfsup.data.loader import SeededSampler, SeededViews
+from selfsup.data.views import MultiViewDataset, Normalize, as_view_config, build_view_transform, expand_views
 from selfsup.errors import ConfigError
 
-EXPECTED_VIEWS = {"simclr": 2, "odc": 1, "mae": 1}
+# every algorithm (discovered from conf/algo/) and the number of views its class takes
+EXPECTED_VIEWS = {algo: get_class(compose_cfg([f"algo={algo}"]).algo.model._target_).num_views for algo in ALGOS}
 
 
 def _view_specs(algo: str, image_size: int = 32) -> list[dict]:
@@ -42,7 +44,7 @@ def test_algo_views_produce_uint8_views(specs, algo):
     views = expand_views(specs[algo])
     assert len(views) == EXPECTED_VIEWS[algo]
     for spec in views:
-        assert spec["size"] == 32  # ${dataset.image_size} resolved
+        assert spec.size == 32  # ${dataset.image_size} resolved
         t = build_view_transform(spec)
         for img in (_image(), _image(32, 32, seed=1), _image(64, 20, seed=2)):
             for seed in range(3):
@@ -105,10 +107,12 @@ def test_bad_interpolation_raises(specs):
 def test_expand_views_honours_copies(specs):
     a, b = {**specs["mae"][0], "copies": 3}, {**specs["odc"][0], "copies": 1}
     out = expand_views([a, b])
-    assert len(out) == 4 and out[:3] == [a, a, a] and out[3] == b
+    assert len(out) == 4 and out[:3] == [as_view_config(a)] * 3 and out[3] == as_view_config(b)
     assert expand_views([]) == []
-    with pytest.raises(ConfigError, match="copies"):
+    with pytest.raises(ConfigError, match="algo.views\\[\\].copies must be >= 1, got 0"):
         expand_views([{**a, "copies": 0}])
+    with pytest.raises(ConfigError, match="algo.views\\[\\] has unknown key\\(s\\) \\['hflp'\\]"):
+        expand_views([{**a, "hflp": 0.5}])
 
 
 def test_multiview_dataset_item():

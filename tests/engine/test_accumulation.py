@@ -24,7 +24,7 @@ def test_two_micro_batches_make_one_step_with_the_mean_gradient(tmp_path):
         "knn.enabled=false",
     ]
     trainer = Trainer(compose_cfg(overrides), tmp_path)
-    assert trainer.steps_per_epoch == trainer.micro_per_epoch // 2 and trainer.global_batch == 32
+    assert trainer.state.steps_per_epoch == trainer.micro_per_epoch // 2 and trainer.global_batch == 32
     params = dict(trainer.algo.named_parameters())
     start = {k: p.detach().clone() for k, p in params.items()}
     b1, b2 = _batch(trainer, 1), _batch(trainer, 2)

@@ -332,7 +332,7 @@ def test_constant_policy():
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"policy": "linear", "total_steps": 10}, "schedule.policy='linear' must be cosine, step or constant"),
+        ({"policy": "exponential", "total_steps": 10}, "schedule.policy='exponential' must be one of cosine, linear"),
         ({"policy": "cosine", "total_steps": 0}, "the schedule has no steps"),
         ({"policy": "cosine", "total_steps": 10, "warmup_steps": 11}, r"warm-up \(11 steps\) is longer"),
         ({"policy": "cosine", "total_steps": 10, "warmup_steps": -1}, r"warm-up \(-1 steps\)"),

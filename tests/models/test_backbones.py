@@ -120,9 +120,14 @@ def test_vit_output_shape(pool):
     with torch.no_grad():
         out = vit(x)
         z = vit.encode(vit.embed(x))
+        blocks = vit.blocks_with_cls(vit.embed(x))  # [B, 1 + L, D] before any final norm
+        # token: the normalised CLS token; avg (timm / MAE fine-tuning): fc_norm of the mean patch token
+        expected = z[:, 0] if pool == "token" else vit.fc_norm(blocks[:, 1:].mean(dim=1))
     assert out.shape == (3, 32) and vit.num_features == 32
-    expected = z[:, 0] if pool == "token" else z[:, 1:].mean(dim=1)
     torch.testing.assert_close(out, expected)
+    if pool == "avg":  # not the mean of individually normalised tokens (the old, non-timm definition)
+        assert not torch.allclose(out, z[:, 1:].mean(dim=1), atol=1e-3)
+        assert isinstance(vit.fc_norm, torch.nn.LayerNorm)
 
 
 def test_vit_embed_encode_shapes():
