@@ -31,9 +31,10 @@ test-fast: $(STAMP) ## the quick subset: pytest -m "not slow"
 mutants: $(STAMP) ## plant known bugs in a copy of the repo, one at a time: the tests guarding each must fail (ARGS="mae lr" picks some)
 	$(BIN)/python tests/mutants.py $(ARGS)
 
-lint: $(STAMP) ## ruff lint + format check
+lint: $(STAMP) ## ruff lint + format check + mypy type check of selfsup/
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP) ## ruff autofix + format
 	$(BIN)/ruff check --fix .

@@ -209,7 +209,7 @@ def kmeans(features: Tensor, k: int, iters: int = 20, seed: int = 0) -> Tensor:
         _check_k(k, n)
         x = features.detach().to(torch.float32).contiguous().numpy()
         try:
-            import faiss  # type: ignore[import-not-found]
+            import faiss
         except ImportError:
             faiss = None
         if faiss is not None:

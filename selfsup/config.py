@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
 
 from selfsup.data.datasets import BackboneHints
 from selfsup.data.loader import LoaderConfig
@@ -69,7 +70,7 @@ def _literal_enum(values: tuple[Any, ...], name: str) -> type[Enum]:
     """One ``str`` enum per set of ``Literal`` values (OmegaConf rejects other values, listing these)."""
     key = tuple(str(v) for v in values)
     if key not in _ENUMS:
-        _ENUMS[key] = Enum(name, [(v, v) for v in key], type=str)  # type: ignore[misc]
+        _ENUMS[key] = Enum(name, [(v, v) for v in key], type=str)  # type: ignore[assignment]
     return _ENUMS[key]
 
 
@@ -90,10 +91,10 @@ def _field_type(annotation: Any, name: str) -> Any:
         return Any
     if origin in (list, tuple, Sequence, typing.Sequence):
         elem = _field_type(args[0], name) if args else Any
-        return list[elem] if elem in (int, float, str, bool) or dataclasses.is_dataclass(elem) else list[Any]
+        return list[elem] if elem in (int, float, str, bool) or dataclasses.is_dataclass(elem) else list[Any]  # type: ignore[valid-type]
     if origin in (dict, Mapping, typing.Mapping):
         value = _field_type(args[1], name) if len(args) == 2 else Any
-        return dict[str, value]
+        return dict[str, value]  # type: ignore[valid-type]
     return Any
 
 
@@ -101,7 +102,8 @@ def _field_default(value: Any) -> Any:
     if value is inspect.Parameter.empty:
         return field(default=MISSING)
     if isinstance(value, (list, tuple, dict)) or dataclasses.is_dataclass(value):
-        return field(default_factory=lambda v=value: copy.deepcopy(list(v) if isinstance(v, tuple) else v))
+        snapshot: Any = list(value) if isinstance(value, tuple) else value
+        return field(default_factory=lambda: copy.deepcopy(snapshot))
     if isinstance(value, Enum):
         return field(default=value)
     return field(default=value)
@@ -120,7 +122,7 @@ def schema_of(
     A dataclass-typed argument (e.g. ``ScalarSchedule``) gets a nested schema with its own
     ``_target_``, so Hydra builds the object before calling ``target``.
     """
-    init = target.__init__ if inspect.isclass(target) else target  # type: ignore[misc]
+    init = target.__init__ if inspect.isclass(target) else target
     try:
         hints = typing.get_type_hints(init)
     except Exception as e:  # an annotation that cannot be evaluated is a bug in that module
@@ -134,8 +136,8 @@ def schema_of(
         default = param.default
         if inspect.isclass(ftype) and dataclasses.is_dataclass(ftype) and not hasattr(ftype, "_target_"):
             nested = schema_of(ftype, name=f"{ftype.__name__}Schema")
-            value = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
-            fields.append((pname, nested, field(default_factory=lambda n=nested, v=value: n(**v))))
+            value = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}  # type: ignore[arg-type]
+            fields.append((pname, nested, field(default_factory=functools.partial(nested, **value))))
             continue
         fields.append((pname, ftype, _field_default(default)))
     fields.extend(extra)
@@ -199,7 +201,7 @@ _GENERATED: dict[str, tuple[str | None, tuple[str, ...], tuple[tuple[str, Any, A
 def target_of(yaml_file: Path, sub: str | None) -> str:
     """The ``_target_`` a group file names (``model._target_`` for algorithms)."""
     raw = OmegaConf.load(yaml_file)
-    node = raw.get(sub) if sub else raw
+    node = raw.get(sub) if sub and isinstance(raw, DictConfig) else raw
     target = node.get("_target_") if isinstance(node, DictConfig) else None
     if not target:
         where = f"{sub}._target_" if sub else "_target_"
@@ -207,8 +209,10 @@ def target_of(yaml_file: Path, sub: str | None) -> str:
     return str(target)
 
 
+@functools.cache
 def group_schema(group: str, target: str) -> type:
-    """The typed schema of ``target`` in ``group`` (algo: wrapped in an :class:`AlgoConfig`)."""
+    """The typed schema of ``target`` in ``group`` (algo: wrapped in an :class:`AlgoConfig`); one class
+    per (group, target), so configs composed twice compare equal."""
     from hydra.utils import get_class
 
     sub, exclude, extra = _GENERATED[group]
@@ -271,7 +275,7 @@ def typed(cfg: DictConfig | TrainConfig) -> TrainConfig:
     cfg = copy.deepcopy(cfg)
     OmegaConf.resolve(cfg)
     if "hydra" in cfg:
-        with OmegaConf.read_write(cfg), OmegaConf.open_dict(cfg):
+        with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, TrainConfig)

@@ -56,12 +56,11 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> 
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(
             backend=backend,
             init_method="env://",
             timeout=datetime.timedelta(seconds=timeout_s),
-            **kwargs,
+            device_id=dev if backend == "nccl" else None,
         )
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -109,14 +108,14 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
         ctx.rank, ctx.n = dist.get_rank(), tensor.shape[0]
         out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
         dist.all_gather(out, tensor.contiguous())
         return torch.cat(out, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]

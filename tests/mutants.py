@@ -144,6 +144,17 @@ MUTANTS = [
         ("tests/algorithms/test_byol.py::test_after_step_applies_the_cosine_ema",),
     ),
     Mutant(
+        "odc-relabelling-under-autocast",
+        "selfsup/algorithms/odc.py",
+        (
+            (
+                "with torch.autocast(device_type=self.features.device.type, enabled=False):\n            index =",
+                "if True:\n            index =",
+            ),
+        ),
+        ("tests/algorithms/test_training.py::test_odc_relabelling_under_bf16_autocast_matches_fp32",),
+    ),
+    Mutant(
         "ntxent-local-negatives-only",
         "selfsup/losses/ntxent.py",
         (("            if self.gather_distributed:", "            if False:"),),

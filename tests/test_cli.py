@@ -59,7 +59,7 @@ def write_images(folder: Path, n: int, size: int = 12, fmt: str = "png") -> Path
 # ---------------------------------------------------------------------------------------------- bad input
 # id -> (arguments, text the one error line must contain); "{tmp}" is the case's own temporary folder
 BAD_INPUT: dict[str, tuple[list[str], str]] = {
-    "unknown-algo": (["algo=foo"], "Could not find 'algo/foo' (available options in 'algo': mae, odc, simclr)"),
+    "unknown-algo": (["algo=foo"], "Could not find 'algo/foo' (available options in 'algo': byol, mae, odc, simclr)"),
     "unknown-backbone": (["backbone=resnet101"], "backbone/resnet101"),
     "misspelt-key": (["schedule.lrr=0.1"], "Key 'lrr' not in 'ScheduleConfig'"),
     "wrong-type": (["schedule.epochs=ten"], "Value 'ten' of type 'str' could not be converted to Integer"),

@@ -49,6 +49,7 @@ def test_every_group_has_its_options():
     assert options("schedule") == ["cosine", "cpu", "step"]
     assert options("launcher") == ["local"]
     assert options("experiment") == [
+        "byol_resnet50_16xb256-coslr-200e_in1k",
         "mae_vit-base-p16_8xb512-coslr-400e_in1k",
         "odc_resnet50_8xb64-steplr-440e_in1k",
         "simclr_resnet50_8xb32-coslr-200e_in1k",
@@ -171,6 +172,9 @@ def test_step_schedule_is_mmselfsup_odc_steplr():
 # ---------------------------------------------------------------- experiment overlays
 
 EXPECTED = {
+    "byol_resnet50_16xb256-coslr-200e_in1k": dict(
+        target="BYOL", arch="resnet50", lr=4.8, base_batch=4096, batch=256, epochs=200, policy="cosine", optim="lars"
+    ),
     "odc_resnet50_8xb64-steplr-440e_in1k": dict(
         target="ODC", arch="resnet50", lr=0.06, base_batch=512, batch=64, epochs=440, policy="step", optim="sgd"
     ),
@@ -194,11 +198,12 @@ def test_experiment_overlay_reproduces_the_recipe(name):
     assert cfg.dataset.image_size == 224 and cfg.dataset.root == "/data/in1k"
     if e["arch"]:
         assert cfg.backbone.arch == e["arch"] and cfg.backbone.stem == "imagenet"
-    # 8 GPUs x per-GPU batch, linearly scaled: the effective lr of the recipe
+    # GPUs x per-GPU batch (from the name), linearly scaled: the effective lr of the recipe
     from selfsup.engine.optim import scaled_lr
 
-    lr = scaled_lr(cfg.algo.optimizer.lr, 8 * e["batch"], cfg.algo.optimizer.base_batch_size)
-    assert lr == pytest.approx({"ODC": 0.06, "MAE": 2.4e-3, "SimCLR": 0.3}[e["target"]])
+    gpus = int(name.split("_")[2].split("xb")[0])
+    lr = scaled_lr(cfg.algo.optimizer.lr, gpus * e["batch"], cfg.algo.optimizer.base_batch_size)
+    assert lr == pytest.approx({"ODC": 0.06, "MAE": 2.4e-3, "SimCLR": 0.3, "BYOL": 4.8}[e["target"]])
 
 
 def test_overlay_details():
@@ -209,6 +214,12 @@ def test_overlay_details():
     odc = compose_cfg(["experiment=odc_resnet50_8xb64-steplr-440e_in1k", "dataset.root=/x"])
     assert (odc.algo.model.num_clusters, odc.algo.model.min_cluster) == (10000, 20)
     assert odc.algo.optimizer.paramwise.head.momentum == 0.0 and odc.sync_bn
+    byol = compose_cfg(["experiment=byol_resnet50_16xb256-coslr-200e_in1k", "dataset.root=/x"])
+    assert byol.algo.model.momentum.start == 0.99 and byol.algo.model.momentum.end == 1.0 and byol.sync_bn
+    assert (byol.algo.model.hidden_dim, byol.algo.model.out_dim) == (4096, 256) and byol.checkpoint.keep == 3
+    assert [v.blur for v in byol.algo.views] == [1.0, 0.1] and [v.solarize for v in byol.algo.views] == [0.0, 0.2]
+    assert byol.schedule.warmup_epochs == 10 and byol.schedule.warmup_start_factor == 1e-4
+    assert compose_cfg(["algo=byol"]).algo.model.momentum.start == 0.996  # the paper's, without the recipe
     simclr = compose_cfg(["experiment=simclr_resnet50_8xb32-coslr-200e_in1k", "dataset.root=/x"])
     assert simclr.backbone.zero_init_residual and simclr.sync_bn and simclr.algo.views[0].copies == 2
     assert simclr.schedule.warmup_epochs == 10 and simclr.algo.model.temperature == 0.1

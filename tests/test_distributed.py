@@ -31,6 +31,7 @@ from selfsup.data.views import Normalize
 from selfsup.engine import checkpoint as ckpt_io
 from selfsup.eval.features import extract_features
 from selfsup.losses.ntxent import NTXentLoss
+from selfsup.models.memory import MemoryBank, Queue
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -86,6 +87,9 @@ def two_ranks(tmp_path_factory) -> tuple[list[dict], str | None]:
         ("odc", _odc_worker, _odc_payload()),
         ("features", _features_worker, _features_weight()),
         ("sync_bn", _sync_bn_worker, _sync_bn_payload()),
+        ("queue", _queue_worker, _queue_payload()),
+        ("bank", _bank_worker, _bank_payload()),
+        ("shuffle", _shuffle_worker, _shuffle_payload()),
         ("kmeans", _kmeans_worker, _kmeans_payload()),
     ]
     out = tmp_path_factory.mktemp("ranks")
@@ -404,6 +408,119 @@ def test_kmeans_two_unequal_shards_match_one_process(two_ranks):
     x, k, iters, seed = _kmeans_payload()["outliers"]
     assert torch.equal(torch_kmeans(x, k, iters=0, seed=seed)[1], torch.zeros(k, 2))
     torch.testing.assert_close(torch_kmeans(x, k, iters=iters, seed=seed)[1][1:], x[[55, 40]])
+
+
+# ---------------------------------------------------------------------------------------------- Queue
+QUEUE_SIZE, QUEUE_DIM, QUEUE_SEED = 8, 4, 3
+
+
+def _queue_payload() -> list[torch.Tensor]:
+    """Two steps with a global batch of 6 keys (2 ranks x 3): the second runs past the end of the queue."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(6, QUEUE_DIM, generator=gen) for _ in range(2)]
+
+
+def _queue_run(batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    torch.manual_seed(QUEUE_SEED)  # the trainer seeds every rank alike before building the model
+    q = Queue(QUEUE_SIZE, QUEUE_DIM)
+    for keys in batches:
+        q.enqueue(keys)
+    return {k: v.clone() for k, v in q.state_dict().items()}
+
+
+def _queue_worker(rank: int, batches: list[torch.Tensor]) -> dict:
+    return _queue_run([_shard(b, rank) for b in batches])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SPAWN_TIMEOUT)
+def test_queue_enqueue_two_ranks_match_one_process(two_ranks):
+    """2 ranks x 3 keys == 1 process enqueueing the 6 keys (rank 0's first), on both ranks, bit for bit."""
+    batches = _queue_payload()
+    ref = _queue_run(batches)
+    assert int(ref["ptr"]) == 12 % QUEUE_SIZE
+    local_only = _queue_run([_shard(b, 0) for b in batches])  # what a rank without the gather would hold
+    assert not torch.equal(local_only["features"], ref["features"])
+    for r in _results(two_ranks, "queue"):
+        assert torch.equal(r["ptr"], ref["ptr"])
+        assert torch.equal(r["features"], ref["features"])
+
+
+# ---------------------------------------------------------------------------------------------- MemoryBank
+BANK_SIZE, BANK_DIM, BANK_MOMENTUM, BANK_SEED = 12, 4, 0.3, 4
+
+
+def _bank_payload() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two steps of 2 ranks x 3 samples; in the first, index 5 is on both ranks (DistributedSampler padding)."""
+    gen = torch.Generator().manual_seed(1)
+    index = [torch.tensor([1, 5, 9, 5, 2, 7]), torch.tensor([0, 3, 11, 4, 6, 1])]
+    return [(i, 2 * torch.randn(6, BANK_DIM, generator=gen)) for i in index]
+
+
+def _bank_run(steps: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    torch.manual_seed(BANK_SEED)
+    bank = MemoryBank(BANK_SIZE, BANK_DIM, momentum=BANK_MOMENTUM)
+    for index, feats in steps:
+        bank.update(index, feats)
+    return bank.features.clone()
+
+
+def _bank_worker(rank: int, steps: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    return {"features": _bank_run([(_shard(i, rank), _shard(f, rank)) for i, f in steps])}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SPAWN_TIMEOUT)
+def test_memory_bank_update_two_ranks_match_one_process(two_ranks):
+    steps = _bank_payload()
+    ref = _bank_run(steps)
+    for rank in range(WORLD):  # without the gather a rank would update only its own rows
+        local_only = _bank_run([(_shard(i, rank), _shard(f, rank)) for i, f in steps])
+        assert not torch.allclose(local_only, ref, atol=1e-3)
+    results = _results(two_ranks, "bank")
+    for r in results:
+        torch.testing.assert_close(r["features"], ref, atol=1e-6, rtol=0)
+    assert torch.equal(results[0]["features"], results[1]["features"])  # the ranks hold identical banks
+
+
+# ---------------------------------------------------------------------------------------------- shuffling BN
+SHUFFLE_N = 8  # global batch: 2 ranks x 4
+
+
+def _shuffle_payload() -> dict:
+    gen = torch.Generator().manual_seed(2)
+    return {"x": torch.randn(SHUFFLE_N, 3, generator=gen), "w": torch.randn(SHUFFLE_N, 3, generator=gen)}
+
+
+def _shuffle_worker(rank: int, p: dict) -> dict:
+    x = _shard(p["x"], rank).clone().requires_grad_()
+    # a different generator seed per rank: only the broadcast of rank 0's permutation makes them agree
+    shuffled, unshuffle = distributed.batch_shuffle(x, generator=torch.Generator().manual_seed(10 + rank))
+    out = 2 * shuffled + 1  # a per-sample "key encoder"
+    restored = distributed.batch_unshuffle(out, unshuffle)
+    (restored * _shard(p["w"], rank)).sum().backward()
+    return {"shuffled": shuffled.detach(), "unshuffle": unshuffle, "restored": restored.detach(), "grad": x.grad}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SPAWN_TIMEOUT)
+def test_batch_shuffle_two_ranks_one_global_permutation(two_ranks):
+    p = _shuffle_payload()
+    perm = torch.randperm(SHUFFLE_N, generator=torch.Generator().manual_seed(10))  # rank 0's draw
+    other = torch.randperm(SHUFFLE_N, generator=torch.Generator().manual_seed(11))
+    assert not torch.equal(perm, other)  # rank 1 alone would use another permutation
+    assert (perm[:4] >= 4).any() and (perm[4:] < 4).any()  # the slices mix the ranks' samples
+    results = _results(two_ranks, "shuffle")
+    # one permutation, identical on both ranks, equal to rank 0's
+    for r in results:
+        assert torch.equal(r["unshuffle"], torch.argsort(perm))
+    # the union of the shuffled slices (rank order) is the global batch permuted by it
+    assert torch.equal(torch.cat([r["shuffled"] for r in results]), p["x"][perm])
+    for rank, r in enumerate(results):
+        # unshuffle gives each rank the outputs of its own rows, in their order
+        torch.testing.assert_close(r["restored"], 2 * _shard(p["x"], rank) + 1, atol=0, rtol=0)
+        # and gradients reach the rank that owns each sample: d/dx sum(w * (2 x + 1)) = 2 w
+        torch.testing.assert_close(r["grad"], 2 * _shard(p["w"], rank), atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- end to end

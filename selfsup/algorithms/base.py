@@ -40,6 +40,8 @@ class Batch(TypedDict):
     """One training batch, already on the device and normalised."""
 
     views: list[Tensor]  # one [B, C, H, W] float tensor per view, in the order of algo.views
+    view_targets: Tensor  # [B, V] int64 target of each view (rotation index, grid position), -1: none
+    masks: dict[str, Tensor]  # "<view index>" -> [B, gh, gw] bool mask drawn with that view (BEiT, SimMIM)
     index: Tensor  # [B] int64 position of each image in the training set (memory banks)
     label: Tensor  # [B] int64 class label, -1 when unknown (never used for training)
 
@@ -54,6 +56,14 @@ class TrainContext(Protocol):
         """``fn`` applied (in eval mode, no grad) to every training image with the deterministic
         eval transform; returns [N, D] float32 on the device, row i = image i, on every rank."""
         ...
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """The size of a backbone's pooled feature (its ``num_features``), which necks and heads are built on."""
+    dim = getattr(backbone, "num_features", None)
+    if not isinstance(dim, int):
+        raise TypeError(f"{type(backbone).__name__} has no integer num_features; a selfsup backbone must define it")
+    return dim
 
 
 class Algorithm(nn.Module):
@@ -89,7 +99,7 @@ class Algorithm(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Full parameter names that get no weight decay (besides all 1-D parameters)."""
-        inner = getattr(self.backbone, "no_weight_decay", lambda: set())()
+        inner: set[str] = getattr(self.backbone, "no_weight_decay", lambda: set())()
         return {f"backbone.{name}" for name in inner}
 
     def compile_targets(self) -> list[nn.Module]:

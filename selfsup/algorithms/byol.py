@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from selfsup.algorithms.base import Algorithm, Batch
+from selfsup.algorithms.base import Algorithm, Batch, feature_dim
 from selfsup.engine.schedules import Policy, ScalarSchedule
 from selfsup.engine.state import TrainState
 from selfsup.losses import BYOLLoss
@@ -39,7 +39,7 @@ class BYOL(Algorithm):
         momentum: ScalarSchedule = ScalarSchedule(start=0.996, end=1.0, policy=Policy.cosine),  # noqa: B008
     ) -> None:
         super().__init__(backbone)
-        self.projector = BYOLProjectionHead(backbone.num_features, hidden_dim, out_dim)
+        self.projector = BYOLProjectionHead(feature_dim(backbone), hidden_dim, out_dim)
         self.predictor = BYOLPredictionHead(out_dim, hidden_dim, out_dim)
         self.target = MomentumEncoder(nn.Sequential(self.backbone, self.projector))
         self.momentum = momentum
@@ -50,7 +50,8 @@ class BYOL(Algorithm):
         return nn.Sequential(self.backbone, self.projector)
 
     def compile_targets(self) -> list[nn.Module]:
-        return [self.backbone, self.target.module[0]]
+        target: nn.Sequential = self.target.module  # type: ignore[assignment]
+        return [self.backbone, target[0]]
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         x1, x2 = batch["views"]

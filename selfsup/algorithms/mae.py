@@ -23,6 +23,8 @@ from selfsup.models.vit import Block, VisionTransformer, init_transformer_weight
 
 
 class MAEDecoder(nn.Module):
+    pos_embed: Tensor  # [1, 1 + L, dim] fixed sin-cos positions
+
     """Lightweight decoder: embed to ``dim``, insert mask tokens, un-shuffle, add fixed positions,
     ``depth`` transformer blocks, LayerNorm, predict the pixels of every patch."""
 
@@ -65,6 +67,7 @@ class MAEOutput(NamedTuple):
 
 class MAE(Algorithm):
     num_views = 1
+    backbone: VisionTransformer
 
     def __init__(
         self,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup import distributed
-from selfsup.algorithms.base import Algorithm, Batch, TrainContext
+from selfsup.algorithms.base import Algorithm, Batch, TrainContext, feature_dim
 from selfsup.clustering import kmeans
 from selfsup.engine.state import TrainState
 from selfsup.errors import ConfigError
@@ -43,6 +43,12 @@ class ODCMemory(nn.Module):
     rank holds the full memory; updates are computed from all-gathered batches on rank 0 and
     broadcast, so the copies never drift apart.
     """
+
+    features: Tensor  # [N, D] L2-normalised memory features
+    labels: Tensor  # [N] pseudo-labels
+    centroids: Tensor  # [K, D]
+    class_weight: Tensor  # [K]
+    initialized: Tensor  # bool scalar
 
     def __init__(
         self, num_samples: int, feat_dim: int, num_clusters: int, momentum: float = 0.5, min_cluster: int = 20
@@ -168,7 +174,7 @@ class ODC(Algorithm):
         self.memory_momentum, self.min_cluster = memory_momentum, min_cluster
         self.centroid_interval, self.reweight_pow = centroid_interval, reweight_pow
         self.kmeans_iters, self.kmeans_seed = kmeans_iters, kmeans_seed
-        self.neck = ODCNeck(backbone.num_features, hidden_dim, feat_dim)
+        self.neck = ODCNeck(feature_dim(backbone), hidden_dim, feat_dim)
         self.head = nn.Linear(feat_dim, num_clusters)
         self._init_head()
         self.loss_fn = ClassWeightedCrossEntropy()

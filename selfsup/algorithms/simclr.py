@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from selfsup.algorithms.base import Algorithm, Batch
+from selfsup.algorithms.base import Algorithm, Batch, feature_dim
 from selfsup.losses import NTXentLoss
 from selfsup.models.necks import SimCLRProjectionHead
 
@@ -30,7 +30,7 @@ class SimCLR(Algorithm):
         temperature: float = 0.1,
     ) -> None:
         super().__init__(backbone)
-        self.neck = SimCLRProjectionHead(backbone.num_features, hidden_dim, out_dim, num_layers)
+        self.neck = SimCLRProjectionHead(feature_dim(backbone), hidden_dim, out_dim, num_layers)
         self.loss_fn = NTXentLoss(temperature)
 
     def compile_targets(self) -> list[nn.Module]:

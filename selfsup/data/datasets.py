@@ -92,6 +92,9 @@ class ImageDataset(Dataset):
         s = self.image_size
         return v2.Compose([v2.Resize(s, antialias=True), v2.CenterCrop(s)])
 
+    def __len__(self) -> int:
+        raise NotImplementedError
+
     def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
         raise NotImplementedError
 

@@ -33,7 +33,7 @@ class SeededSampler(DistributedSampler):
     """DistributedSampler (shuffle by seed + epoch, drop the tail so every rank gets the same
     number of distinct images) that also hands each item its own augmentation seed."""
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
         for i in super().__iter__():
             yield i, (base + i) % 2**63

@@ -1,9 +1,24 @@
 """Multi-view augmentation: declared per algorithm in config (``algo.views``), run per sample.
 
 A view is a declarative spec (:class:`ViewConfig`), not a hand-built pipeline, so the
-same declaration can be executed by different back-ends: today ``build_view_transform`` turns it
-into a torchvision v2 pipeline on uint8 tensors inside DataLoader workers; a batched GPU executor
+same declaration can be executed by different back-ends: today :class:`ViewPipeline` runs it
+with torchvision v2 on uint8 tensors inside DataLoader workers; a batched GPU executor
 (per-sample random parameters on a uint8 batch already on the device) can read the same specs.
+
+What a declaration can express (each entry of ``algo.views`` is one pipeline, run ``copies`` times):
+
+* **multi-crop** (SwAV, DINO): several entries with their own ``size`` and ``crop_scale``, e.g.
+  2 x 224 px at (0.14, 1) + 6 x 96 px at (0.05, 0.14): 8 views of two sizes;
+* **the same crop at two resolutions plus a mask** (BEiT, CAE): ``second_size`` adds the augmented view
+  resized to another size right after it, ``mask`` draws a block-wise (BEiT) or SimMIM mask with it;
+* **per-view targets** (Rotation-Pred): ``rotations: [0, 90, 180, 270]`` emits the view once per
+  rotation, with target = the rotation's index;
+* **patch grids** (Relative-Loc): ``grid`` splits the view into cells x cells and takes a randomly placed
+  patch from each cell: the centre patch (target -1) and its 8 neighbours (targets 0..7).
+
+A training item is ``{"views": [uint8 [3, h, w], ...], "view_targets": int64 [V] (-1: none),
+"masks": {"<view index>": bool [gh, gw]}, "label": int, "index": int}``; batched, the views are
+[B, 3, h, w], ``view_targets`` [B, V] and each mask [B, gh, gw].
 """
 
 from __future__ import annotations
@@ -21,6 +36,30 @@ from torchvision.transforms import InterpolationMode, v2
 from selfsup.errors import ConfigError
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+
+
+@dataclass
+class MaskConfig:
+    """A mask drawn with a view, on the model's patch grid (``view size / patch_size`` per side)."""
+
+    kind: str = "none"  # none | block (BEiT, CAE: blocks of patches) | simmim (SimMIM: large random mask patches)
+    patch_size: int = 16  # the model's patch size
+    num_patches: int = 75  # block: how many patches to mask (BEiT: 75 of 14 x 14)
+    min_block: int = 4  # block: smallest block, in patches
+    max_block: int | None = None  # block: largest block (None: num_patches)
+    min_aspect: float = 0.3  # block: aspect ratios in [min_aspect, 1 / min_aspect]
+    ratio: float = 0.6  # simmim: fraction of the mask patches that are masked
+    mask_patch_size: int = 32  # simmim: side of a mask patch, in pixels
+
+
+@dataclass
+class GridConfig:
+    """Relative-Loc's patch grid (Doersch et al. 2015): the view split into ``cells`` x ``cells``, and a
+    ``patch_size`` patch at a random position inside each cell (the gap between patches and their
+    jitter come from ``cell size - patch_size``). ``cells: 0`` = no grid."""
+
+    cells: int = 0
+    patch_size: int = 64
 
 
 @dataclass
@@ -50,6 +89,10 @@ class ViewConfig:
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     blur_kernel: float = 0.1  # kernel size as a fraction of the view size (rounded to odd)
     solarize: float = 0.0
+    second_size: int | None = None  # also emit the augmented view resized to this size (BEiT/CAE)
+    mask: MaskConfig = field(default_factory=MaskConfig)  # draw a mask with the view (mask.kind: block | simmim)
+    rotations: list[int] = field(default_factory=list)  # emit the view once per rotation (degrees, x90)
+    grid: GridConfig = field(default_factory=GridConfig)  # emit a grid's patches (grid.cells: 3 = Relative-Loc)
 
 
 def as_view_config(spec: ViewConfig | Mapping[str, Any]) -> ViewConfig:
@@ -60,7 +103,12 @@ def as_view_config(spec: ViewConfig | Mapping[str, Any]) -> ViewConfig:
     unknown = sorted(set(spec) - names)
     if unknown:
         raise ConfigError(f"algo.views[] has unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    return ViewConfig(**{k: v for k, v in spec.items()})
+    values = dict(spec)
+    if isinstance(values.get("mask"), Mapping):
+        values["mask"] = MaskConfig(**values["mask"])
+    if isinstance(values.get("grid"), Mapping):
+        values["grid"] = GridConfig(**values["grid"])
+    return ViewConfig(**values)
 
 
 def _prob(spec: ViewConfig, key: str) -> float:
@@ -104,7 +152,7 @@ def build_view_transform(spec: ViewConfig | Mapping[str, Any]) -> Callable[[Tens
 
 
 def expand_views(specs: Sequence[ViewConfig | Mapping[str, Any]]) -> list[ViewConfig]:
-    """One entry per produced view (a spec with ``copies: 2`` gives two)."""
+    """One entry per pipeline run (a spec with ``copies: 2`` gives two)."""
     out: list[ViewConfig] = []
     for spec in map(as_view_config, specs):
         if int(spec.copies) < 1:
@@ -113,10 +161,134 @@ def expand_views(specs: Sequence[ViewConfig | Mapping[str, Any]]) -> list[ViewCo
     return out
 
 
-class MultiViewDataset(Dataset):
-    """Wraps an ``ImageDataset``: item = {"views": [uint8 view, ...], "label": int, "index": int}."""
+@dataclass
+class ViewOutputs:
+    """What one pipeline run gives: its images, a target per image (-1: none), the mask drawn with the
+    first image (or None)."""
 
-    def __init__(self, base: Dataset, transforms: Sequence[Callable[[Tensor], Tensor]]) -> None:
+    images: list[Tensor]
+    targets: list[int]
+    mask: Tensor | None = None
+
+
+def _mask_generator(spec: ViewConfig) -> Callable[[], Tensor] | None:
+    from selfsup.models.masking import BlockwiseMaskGenerator, SimMIMMaskGenerator
+
+    m = spec.mask
+    if m.kind == "none":
+        return None
+    if m.kind == "block":
+        if spec.size % m.patch_size:
+            raise ConfigError(f"algo.views[].mask.patch_size={m.patch_size} does not divide the view size {spec.size}")
+        grid = spec.size // m.patch_size
+        return BlockwiseMaskGenerator(grid, m.num_patches, m.min_block, m.max_block, m.min_aspect)
+    if m.kind == "simmim":
+        return SimMIMMaskGenerator(spec.size, m.mask_patch_size, m.patch_size, m.ratio)
+    raise ConfigError(f"algo.views[].mask.kind={m.kind!r} must be none, block or simmim")
+
+
+def _grid_cells(grid: GridConfig, size: int) -> int:
+    cell = size // max(1, grid.cells)
+    if grid.cells < 0 or grid.patch_size < 1 or grid.patch_size > cell:
+        raise ConfigError(
+            f"algo.views[].grid: {grid.cells} x {grid.cells} cells of a {size} px view are {cell} px wide, "
+            f"too small for patch_size={grid.patch_size}; lower grid.patch_size or raise the view size"
+        )
+    return grid.cells * grid.cells
+
+
+def outputs_per_run(spec: ViewConfig) -> int:
+    """How many images one run of ``spec`` emits."""
+    if spec.grid.cells:
+        return _grid_cells(spec.grid, spec.size)
+    if spec.rotations:
+        return len(spec.rotations)
+    return 1 + (spec.second_size is not None)
+
+
+def count_views(specs: Sequence[ViewConfig | Mapping[str, Any]]) -> int:
+    """The number of views an algorithm receives per image."""
+    return sum(outputs_per_run(spec) for spec in expand_views(specs))
+
+
+def view_sizes(specs: Sequence[ViewConfig | Mapping[str, Any]]) -> list[int]:
+    """The side of every view, in the order the algorithm receives them."""
+    sizes: list[int] = []
+    for spec in expand_views(specs):
+        if spec.grid.cells:
+            sizes += [spec.grid.patch_size] * outputs_per_run(spec)
+        elif spec.rotations:
+            sizes += [spec.size] * len(spec.rotations)
+        else:
+            sizes += [spec.size] + ([spec.second_size] if spec.second_size else [])
+    return sizes
+
+
+class ViewPipeline:
+    """Runs one :class:`ViewConfig` on one uint8 image [3, H, W]: the augmented view (crop, affine,
+    flip, jitter, grey, blur, solarize), then its rotations, grid patches or second resolution, and the
+    mask. All randomness comes from torch's RNG, which the loader seeds per (seed, epoch, image)."""
+
+    def __init__(self, spec: ViewConfig | Mapping[str, Any]) -> None:
+        self.spec = spec = as_view_config(spec)
+        self.base = build_view_transform(spec)
+        extras = [
+            name
+            for name, on in (
+                ("second_size", spec.second_size),
+                ("rotations", spec.rotations),
+                ("grid", spec.grid.cells),
+            )
+            if on
+        ]
+        if len(extras) > 1:
+            raise ConfigError(f"algo.views[] combines {' and '.join(extras)}; a view can use only one of them")
+        if any(r % 90 for r in spec.rotations):
+            raise ConfigError(f"algo.views[].rotations={list(spec.rotations)} must be multiples of 90 degrees")
+        if spec.second_size is not None and spec.second_size < 1:
+            raise ConfigError(f"algo.views[].second_size must be >= 1, got {spec.second_size}")
+        self.num_outputs = outputs_per_run(spec)
+        self.mask = _mask_generator(spec)
+        self.second = (
+            v2.Resize(
+                (spec.second_size, spec.second_size), interpolation=_INTERPOLATION[spec.interpolation], antialias=True
+            )
+            if spec.second_size
+            else None
+        )
+
+    def _grid(self, view: Tensor) -> tuple[list[Tensor], list[int]]:
+        grid = self.spec.grid
+        cell, p = view.shape[-1] // grid.cells, grid.patch_size
+        patches, targets = [], []
+        centre = (grid.cells * grid.cells) // 2
+        for j in range(grid.cells * grid.cells):
+            row, col = divmod(j, grid.cells)
+            dy, dx = (int(v) for v in torch.randint(0, cell - p + 1, (2,)))
+            top, left = row * cell + dy, col * cell + dx
+            patches.append(view[:, top : top + p, left : left + p])
+            targets.append(-1 if j == centre else j - (j > centre))
+        return patches, targets
+
+    def __call__(self, image: Tensor) -> ViewOutputs:
+        view = self.base(image)
+        if self.spec.grid.cells:
+            images, targets = self._grid(view)
+        elif self.spec.rotations:
+            images = [torch.rot90(view, r // 90, dims=(1, 2)) for r in self.spec.rotations]
+            targets = list(range(len(images)))
+        else:
+            images = [view] + ([self.second(view)] if self.second is not None else [])
+            targets = [-1] * len(images)
+        return ViewOutputs(images, targets, self.mask() if self.mask is not None else None)
+
+
+class MultiViewDataset(Dataset):
+    """Wraps an ``ImageDataset``: item = {"views": [uint8 view, ...], "view_targets": [V],
+    "masks": {"<view index>": mask}, "label": int, "index": int}. A transform returns a tensor (one
+    view) or :class:`ViewOutputs` (a :class:`ViewPipeline`)."""
+
+    def __init__(self, base: Any, transforms: Sequence[Callable[[Tensor], Tensor | ViewOutputs]]) -> None:
         self.base, self.transforms = base, list(transforms)
 
     def __len__(self) -> int:
@@ -124,7 +296,24 @@ class MultiViewDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image, label, index = self.base[i]
-        return {"views": [t(image) for t in self.transforms], "label": label, "index": index}
+        views: list[Tensor] = []
+        targets: list[int] = []
+        masks: dict[str, Tensor] = {}
+        for t in self.transforms:
+            out = t(image)
+            if isinstance(out, Tensor):
+                out = ViewOutputs([out], [-1])
+            if out.mask is not None:
+                masks[str(len(views))] = out.mask
+            views += out.images
+            targets += out.targets
+        return {
+            "views": views,
+            "view_targets": torch.tensor(targets, dtype=torch.long),
+            "masks": masks,
+            "label": label,
+            "index": index,
+        }
 
 
 class Normalize:

@@ -17,7 +17,7 @@ from torch import nn
 from selfsup.algorithms.base import Algorithm
 from selfsup.config import TrainConfig, to_plain
 from selfsup.data.datasets import ImageDataset
-from selfsup.data.views import ViewConfig, expand_views
+from selfsup.data.views import ViewPipeline, count_views
 from selfsup.errors import ConfigError, SelfsupError
 
 
@@ -47,16 +47,19 @@ def build_algorithm(cfg: TrainConfig, num_samples: int) -> Algorithm:
     algo = build(cfg.algo.model, backbone=build_backbone(cfg.backbone))
     if not isinstance(algo, Algorithm):
         raise ConfigError(f"algo.model._target_ builds a {type(algo).__name__}, not a selfsup Algorithm")
-    views = view_specs(cfg)
-    if len(views) != algo.num_views:
+    views = count_views(cfg.algo.views)
+    if views != algo.num_views:
         raise ConfigError(
             f"{type(algo).__name__} takes {algo.num_views} view(s) per image but algo.views declares "
-            f"{len(views)}; fix the views' copies"
+            f"{views}; fix the views' copies"
         )
     algo.setup(num_samples)
     return algo
 
 
-def view_specs(cfg: TrainConfig) -> list[ViewConfig]:
-    """One :class:`ViewConfig` per produced view, in the order the algorithm receives them."""
-    return expand_views(cfg.algo.views)
+def view_pipelines(cfg: TrainConfig) -> list[ViewPipeline]:
+    """One :class:`ViewPipeline` per run of a declared view (``copies`` each), in the order the algorithm
+    receives their outputs."""
+    from selfsup.data.views import expand_views
+
+    return [ViewPipeline(spec) for spec in expand_views(cfg.algo.views)]

@@ -198,7 +198,7 @@ class CheckpointManager:
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
     return {
         "python": random.getstate(),
         "numpy": {

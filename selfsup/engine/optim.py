@@ -141,7 +141,12 @@ def build_optimizer(
         )
     if name is OptimizerName.adamw:
         return torch.optim.AdamW(
-            groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused or None
+            groups,
+            lr=lr,
+            betas=(float(cfg.betas[0]), float(cfg.betas[1])),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            fused=fused or None,
         )
     return LARS(
         groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta, nesterov=cfg.nesterov

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from selfsup.algorithms.base import Algorithm
@@ -74,7 +74,7 @@ def config_from_checkpoint(text: str) -> TrainConfig:
     """The typed config of a run from the YAML its checkpoint carries."""
     raw = OmegaConf.create(text)
     base = OmegaConf.structured(TrainConfig)
-    with OmegaConf.open_dict(base):
+    with open_dict(base):
         base.algo = OmegaConf.structured(group_schema("algo", raw.algo.model._target_))
         base.backbone = OmegaConf.structured(group_schema("backbone", raw.backbone._target_))
         base.dataset = OmegaConf.structured(group_schema("dataset", raw.dataset._target_))

@@ -33,8 +33,8 @@ from selfsup.algorithms.base import Algorithm, Batch
 from selfsup.config import Precision, TrainConfig, to_plain, typed
 from selfsup.data.datasets import ImageDataset
 from selfsup.data.loader import SeededViews, resolve_workers, train_loader
-from selfsup.data.views import Normalize, build_view_transform
-from selfsup.engine.build import build_algorithm, build_dataset, view_specs
+from selfsup.data.views import Normalize, view_sizes
+from selfsup.engine.build import build_algorithm, build_dataset, view_pipelines
 from selfsup.engine.checkpoint import CheckpointManager
 from selfsup.engine.logger import MetricLogger, Progress
 from selfsup.engine.optim import OptimizerName, build_optimizer, scaled_lr
@@ -91,8 +91,8 @@ class Trainer:
         if c.knn.enabled and self.train_set.has_labels:
             val = build_dataset(c.dataset, "val")
             self.val_set = val if len(val) > 0 else None
-        self.view_specs = view_specs(c)
-        self.train_views = SeededViews(self.train_set, [build_view_transform(v) for v in self.view_specs])
+        self.view_sizes = view_sizes(c.algo.views)  # the side of every view the algorithm receives
+        self.train_views = SeededViews(self.train_set, view_pipelines(c))
 
         # ---- model
         self.algo: Algorithm = build_algorithm(c, len(self.train_set))
@@ -100,7 +100,7 @@ class Trainer:
             seed_everything(self.seed + self.env.rank, c.deterministic)
         self.precision = self._resolve_precision(Precision(c.precision).value)
         if c.sync_bn and self.env.world_size > 1:  # torch's kernels on CUDA, all-gathered statistics on CPU (gloo)
-            self.algo = convert_sync_batchnorm(self.algo, self.device)
+            self.algo = convert_sync_batchnorm(self.algo, self.device)  # type: ignore[assignment]
         elif c.sync_bn:
             log.info("sync_bn=true has no effect in a single process (plain BatchNorm is used)")
         self.algo.to(self.device)
@@ -166,7 +166,7 @@ class Trainer:
         if ws > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # memory banks and queues are kept identical by the algorithms' own collectives
-            buffers = (
+            buffers: dict[str, Any] = (
                 {"forward_sync_buffers": False}
                 if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                 else {"broadcast_buffers": False}
@@ -264,9 +264,16 @@ class Trainer:
             )
 
     def to_device(self, batch: dict[str, Any]) -> Batch:
-        """A loader batch (uint8 views) -> a normalised batch on the device."""
+        """A loader batch (uint8 views) -> a normalised batch on the device (a hand-made batch without
+        ``view_targets`` / ``masks`` gets -1 targets and no masks)."""
+        views = batch["views"]
+        targets = batch.get("view_targets")
+        if targets is None:
+            targets = torch.full((views[0].shape[0], len(views)), -1, dtype=torch.long)
         return {
-            "views": [self.normalize(v) for v in batch["views"]],
+            "views": [self.normalize(v) for v in views],
+            "view_targets": targets.to(self.device, non_blocking=True),
+            "masks": {k: m.to(self.device, non_blocking=True) for k, m in batch.get("masks", {}).items()},
             "index": batch["index"].to(self.device, non_blocking=True),
             "label": batch["label"].to(self.device, non_blocking=True),
         }
@@ -380,10 +387,10 @@ class Trainer:
                 log.info("epoch %d/%d done: loss %.4f", self.state.epoch, self.state.epochs, final_loss)
                 interval = c.knn.interval
                 if interval and self.state.epoch % interval == 0 and self.state.epoch < self.state.epochs:
-                    result = self.knn()
-                    if result:
-                        log.info("kNN after epoch %d: %s", self.state.epoch, _fmt(result))
-                        logger.write("knn", self.state.step, self.state.epoch, **result)
+                    knn = self.knn()
+                    if knn:
+                        log.info("kNN after epoch %d: %s", self.state.epoch, _fmt(knn))
+                        logger.write("knn", self.state.step, self.state.epoch, **knn)
                 self._save()
             knn_final = self.knn()
             if knn_final:

@@ -116,7 +116,7 @@ class KNNMonitor:
     def __call__(self, model: nn.Module) -> dict[str, float] | None:
         if self.val_set is None:
             return None
-        extract = model.extract  # type: ignore[attr-defined]
+        extract: Callable[[Tensor], Tensor] = getattr(model, "extract")  # noqa: B009 - any model with .extract
         bank, bank_labels = self.features(model, extract, self.train_set)
         queries, query_labels = self.features(model, extract, self.val_set)
         return knn_accuracy(

@@ -48,7 +48,7 @@ class CPUSyncBatchNorm(_BatchNorm):
         n = total[-1]
         mean = total[:c] / n
         var = (total[c : 2 * c] / n - mean * mean).clamp_min(0.0)
-        if self.track_running_stats and self.running_mean is not None:
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
                 unbiased = var * (n / (n - 1).clamp_min(1.0))
                 self.running_mean.mul_(1 - factor).add_(factor * mean.to(self.running_mean.dtype))
@@ -56,7 +56,7 @@ class CPUSyncBatchNorm(_BatchNorm):
         shape = [1, c] + [1] * (input.dim() - 2)
         scale = torch.rsqrt(var + self.eps).to(input.dtype)
         y = (input - mean.to(input.dtype).view(shape)) * scale.view(shape)
-        if self.weight is not None:
+        if self.weight is not None and self.bias is not None:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y
 

@@ -82,6 +82,8 @@ def init_transformer_weights(module: nn.Module) -> None:
 
 
 class VisionTransformer(nn.Module):
+    pos_embed: Tensor  # [1, 1 + L, D] fixed sin-cos positions (CLS slot zero)
+
     """ViT encoder. ``forward`` returns a pooled feature [B, D]:
 
     * ``global_pool="token"``: ``norm(x)[:, 0]``, the normalised CLS token;
@@ -130,7 +132,8 @@ class VisionTransformer(nn.Module):
         self.apply(init_transformer_weights)
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
+        if self.patch_embed.bias is not None:
+            nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.cls_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:

@@ -18,34 +18,36 @@ import logging
 import sys
 import tempfile
 import time
-from pathlib import Path
+from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 
-import selfsup.config  # noqa: F401  (registers the schemas)
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
+from selfsup.algorithms.base import Batch
+from selfsup.config import compose
 
 
-def benchmark(overrides: list[str], steps: int = 20, warmup: int = 5) -> dict[str, float]:
+def benchmark(overrides: list[str], steps: int = 20, warmup: int = 5) -> dict[str, Any]:
     """img/s and peak memory of ``steps`` timed optimizer steps after ``warmup`` untimed ones."""
     from selfsup.engine.trainer import Trainer
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["knn.enabled=false", "log.tensorboard=false", *overrides])
+    cfg = compose(["knn.enabled=false", "log.tensorboard=false", *overrides])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir)
         algo, device = trainer.algo, trainer.device
         bs = int(cfg.schedule.batch_size)
-        size = trainer.view_specs[0]["size"]
+        size = trainer.view_sizes[0]
         memory_format = trainer.normalize.memory_format
         views = [
-            torch.randn(bs, 3, int(v["size"]), int(v["size"]), device=device).contiguous(memory_format=memory_format)
-            for v in trainer.view_specs
+            torch.randn(bs, 3, s, s, device=device).contiguous(memory_format=memory_format) for s in trainer.view_sizes
         ]
-        index = torch.randint(0, len(trainer.train_set), (bs,), device=device)
-        batch = {"views": views, "index": index, "label": torch.zeros(bs, dtype=torch.long, device=device)}
+        item = trainer.train_views[(0, 0)]  # one real item: the views' targets and masks
+        batch: Batch = {
+            "views": views,
+            "view_targets": item["view_targets"].to(device).expand(bs, -1),
+            "masks": {k: m.to(device).expand(bs, *m.shape) for k, m in item["masks"].items()},
+            "index": torch.randint(0, len(trainer.train_set), (bs,), device=device),
+            "label": torch.zeros(bs, dtype=torch.long, device=device),
+        }
         trainer.algo.on_train_start(trainer)
         trainer.model.train()
         if device.type == "cuda":

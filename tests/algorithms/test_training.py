@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import default_collate
 
 from conftest import ALGOS, compose_cfg, run_training, tiny
 from selfsup.config import typed
-from selfsup.data.views import Normalize, build_view_transform
-from selfsup.engine.build import build, build_algorithm, build_backbone, build_dataset, view_specs
+from selfsup.data.views import MultiViewDataset, Normalize
+from selfsup.engine.build import build, build_algorithm, build_backbone, build_dataset, view_pipelines
 from selfsup.engine.optim import build_optimizer
 from selfsup.engine.state import TrainState
 from selfsup.errors import ConfigError
@@ -42,8 +43,7 @@ def _build(algo_name: str, dataset: str, n: int, extra: list[str] | None = None)
     algo = build_algorithm(c, n)
     normalize = Normalize(ds.mean, ds.std, torch.device("cpu"))
     images = torch.stack([ds[i][0] for i in range(n)])
-    transforms = [build_view_transform(v) for v in view_specs(c)]
-    return c, algo, images, normalize, transforms
+    return c, algo, images, normalize, MultiViewDataset(ds, view_pipelines(c))
 
 
 @pytest.mark.parametrize("dataset", ["fake", "digits"])
@@ -51,11 +51,11 @@ def _build(algo_name: str, dataset: str, n: int, extra: list[str] | None = None)
 def test_loss_goes_down_on_a_fixed_batch(algo_name, dataset):
     torch.manual_seed(0)
     n, steps = 32, 30
-    c, algo, images, normalize, transforms = _build(algo_name, dataset, n)
+    c, algo, images, normalize, views_of = _build(algo_name, dataset, n)
     algo.on_train_start(_Ctx(algo, images, normalize))
     opt = build_optimizer(algo, c.algo.optimizer, c.algo.optimizer.lr)
-    views = [normalize(torch.stack([t(img) for img in images])) for t in transforms]
-    batch = {"views": views, "index": torch.arange(n), "label": torch.zeros(n, dtype=torch.long)}
+    loaded = default_collate([views_of[i] for i in range(n)])
+    batch = {**loaded, "views": [normalize(v) for v in loaded["views"]]}
     losses = []
     for step in range(1, steps + 1):
         out = algo(batch)
@@ -197,3 +197,29 @@ def test_odc_rejects_more_clusters_than_images():
 def test_views_must_match_the_algorithm(tmp_path):
     with pytest.raises(ConfigError, match=r"SimCLR takes 2 view\(s\) per image but algo.views declares 1"):
         run_training(tiny("simclr") + ["algo.views.0.copies=1"], tmp_path)
+
+
+def test_odc_relabelling_under_bf16_autocast_matches_fp32():
+    """ODC's memory update runs inside the model's forward, so under autocast on a GPU: its relabelling
+    (argmax over centroid scores) must stay in float32, or near-equal scores round together in bf16 and
+    the argmax picks the lowest cluster id."""
+    import copy
+
+    from selfsup.algorithms.odc import ODCMemory
+
+    gen = torch.Generator().manual_seed(0)
+    n, k, d = 800, 200, 64
+    # features of a randomly initialised network: all close to one direction, so the centroid scores of
+    # a sample are nearly equal (measured: cosine 0.9+ between random-init ResNet features)
+    common = torch.randn(d, generator=gen)
+    memory = ODCMemory(n, d, k, momentum=0.5, min_cluster=1)
+    memory.init_memory(common + 0.1 * torch.randn(n, d, generator=gen), torch.arange(n) % k)
+    index, feats = torch.randperm(n, generator=gen)[:128], common + 0.1 * torch.randn(128, d, generator=gen)
+    reference = copy.deepcopy(memory)
+    reference.update_samples(index, feats)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        memory.update_samples(index, feats)
+    assert torch.equal(memory.labels, reference.labels) and torch.equal(memory.features, reference.features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what an unguarded relabelling would give
+        bf16 = (reference.features[index] @ reference.centroids.T).argmax(dim=1)
+    assert (bf16 != reference.labels[index]).float().mean() > 0.2
