@@ -52,8 +52,8 @@ MUTANTS = [
     ),
     Mutant(
         "features-in-train-mode",
-        "selfsup/engine/trainer.py",
-        (("        self.algo.eval()\n        try:", "        try:"),),
+        "selfsup/eval/knn.py",
+        (("        model.eval()\n        try:", "        try:"),),
         ("tests/eval/test_features.py::test_trainer_knn_uses_backbone_features_of_normalised_eval_images",),
     ),
     Mutant(
@@ -208,10 +208,18 @@ def _copy_repo(dst: Path) -> None:
     ).stdout.split(b"\0")
     for name in filter(None, files):
         src = REPO / name.decode()
-        if src.is_file():
-            target = dst / name.decode()
-            target.parent.mkdir(parents=True, exist_ok=True)
+        target = dst / name.decode()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():  # e.g. selfsup/conf -> ../conf
+            os.symlink(os.readlink(src), target)
+        elif src.is_file():
             shutil.copy2(src, target)
+
+
+def _pytest(copy: Path, tests: list[str] | tuple[str, ...]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(copy), "CUDA_VISIBLE_DEVICES": "-1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
+    return subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=1800)
 
 
 def run(mutant: Mutant, copy: Path) -> tuple[str, float]:
@@ -226,9 +234,7 @@ def run(mutant: Mutant, copy: Path) -> tuple[str, float]:
     path.write_text(text)
     t0 = time.perf_counter()
     try:
-        env = {**os.environ, "PYTHONPATH": str(copy), "CUDA_VISIBLE_DEVICES": "-1"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *mutant.tests]
-        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=900)
+        proc = _pytest(copy, mutant.tests)
     finally:
         path.write_text(original)
     # every named test must fail: exit status 1 and no "passed" in pytest's summary line (exit status 2 =
@@ -244,6 +250,14 @@ def main(patterns: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="selfsup-mutants-") as tmp:
         copy = Path(tmp)
         _copy_repo(copy)
+        # the baseline: every guarding test passes on the unmutated copy (else a "catch" means nothing)
+        tests = sorted({t for m in chosen for t in m.tests})
+        baseline = _pytest(copy, tests)
+        if baseline.returncode != 0:
+            print(baseline.stdout[-3000:] + baseline.stderr[-2000:])
+            print("the guarding tests fail without any planted bug: fix them first")
+            return 1
+        print(f"baseline: the {len(tests)} guarding tests pass on the unmutated copy", flush=True)
         for mutant in chosen:
             verdict, seconds = run(mutant, copy)
             bad += verdict != "caught"

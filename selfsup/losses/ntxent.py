@@ -24,7 +24,10 @@ class NTXentLoss(nn.Module):
     Distributed: the N images are the *global* batch. Each rank gathers all embeddings with
     gradients (``all_gather_with_grad``) and averages ``l`` over its own 2n anchors; DDP's average
     of those per-rank losses is L, and its averaged gradients equal the single-process gradients.
-    With one process this is plain SimCLR.
+    With one process this is plain SimCLR. (MMSelfSup's ``GatherLayer`` returns only the local slice
+    of the gradient, so after DDP's averaging its gradient is dL/N for N processes; the official
+    SimCLR code's is 2 dL. LARS cancels most of that scale, except on the BN weights and biases it
+    excludes from adaptation; selfsup keeps the exact gradient.)
 
     Args:
         temperature: t > 0 (SimCLR: 0.1 for large batches, 0.5 for CIFAR-size runs).
