@@ -45,13 +45,14 @@ from typing import Any, Literal, Optional, Union
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
 
-from selfsup.data.datasets import BackboneHints
+from selfsup.data.datasets import BackboneHints, check_image_size
 from selfsup.data.loader import LoaderConfig
 from selfsup.data.views import ViewConfig
 from selfsup.distributed import DistConfig
 from selfsup.engine.checkpoint import CheckpointConfig
 from selfsup.engine.logger import LogConfig
 from selfsup.engine.optim import OptimizerConfig
+from selfsup.engine.run_dir import run_id
 from selfsup.engine.schedules import ScheduleConfig
 from selfsup.errors import ConfigError
 from selfsup.eval.knn import KNNConfig
@@ -183,6 +184,10 @@ class TrainConfig:
     sync_bn: bool = False  # synchronised BatchNorm when there are several processes
     fused_optimizer: bool | None = None  # None = fused SGD/AdamW on CUDA
     resume: str | None = None  # PATH to a checkpoint, or "auto" (last.pt in the run dir)
+    # resume although the optimisation, model or data settings differ from the checkpoint's (listed)
+    resume_force: bool = False
+    # start over in a run dir that already holds a run: its checkpoints and logs are deleted first
+    overwrite: bool = False
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -238,6 +243,8 @@ def register_schemas(config_dir: Path = CONFIG_DIR) -> None:
 
 
 register_schemas()
+# ${run_id:}: the start time plus 6 random hex digits, fixed per process (selfsup.engine.run_dir)
+OmegaConf.register_new_resolver("run_id", run_id, replace=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,6 +284,9 @@ def typed(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if "hydra" in cfg:
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]
+    image_size = cfg.dataset.get("image_size") if isinstance(cfg.get("dataset"), DictConfig) else None
+    if isinstance(image_size, int):
+        check_image_size(image_size)  # named as typed, before the views that take it as their size
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, TrainConfig)
     return obj

@@ -209,3 +209,9 @@ class DistConfig:
 
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     timeout_s: int = 1800
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"dist.backend={self.backend!r} must be auto, nccl or gloo")
+        if not self.timeout_s >= 1:
+            raise ConfigError(f"dist.timeout_s must be >= 1 (seconds a collective may wait), got {self.timeout_s}")

@@ -23,3 +23,7 @@ class CheckpointError(SelfsupError):
 
 class TrainingDiverged(SelfsupError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(SelfsupError):
+    """The user stopped the run (Ctrl-C / SIGINT); it stopped at a step boundary with a checkpoint."""

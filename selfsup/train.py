@@ -30,9 +30,10 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from selfsup import distributed
 from selfsup.config import CONFIG_DIR, CONFIG_NAME
-from selfsup.errors import SelfsupError
+from selfsup.errors import SelfsupError, TrainingInterrupted
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 _USER_ERRORS = (SelfsupError, HydraException, OmegaConfBaseException)
 
 
@@ -85,11 +86,19 @@ def report(exc: BaseException) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
 def _task(cfg: DictConfig) -> float | None:
+    from selfsup.config import typed
+    from selfsup.engine.run_dir import agree_on_run_dir
     from selfsup.engine.trainer import Trainer
 
-    run_dir = HydraConfig.get().runtime.output_dir
     try:
-        result = Trainer(cfg, run_dir).fit()
+        typed_cfg = typed(cfg)
+        # torchrun workers each composed their own config (and run id): all use rank 0's directory
+        distributed.init(typed_cfg.device, typed_cfg.dist.backend, typed_cfg.dist.timeout_s)
+        run_dir = agree_on_run_dir(HydraConfig.get().runtime.output_dir)
+        result = Trainer(typed_cfg, run_dir).fit()
+    except TrainingInterrupted as e:  # Ctrl-C: stopped cleanly at a step boundary
+        print(f"selfsup: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as e:  # inside the job: report user errors here, before Hydra wraps them
         err = user_error(e)
         if err is None or os.environ.get("SELFSUP_FULL_ERROR") == "1":

@@ -13,7 +13,9 @@ from selfsup.config import CONFIG_DIR, compose
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = CONFIG_DIR
-CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-train.tar.gz"
+# the CIFAR-10 training JPEGs (cifar10/train/<class>/*.jpg in a .tar.gz): SELFSUP_CIFAR_TAR, or the
+# project's shared data next to the checkout
+CIFAR_TAR = Path(os.environ.get("SELFSUP_CIFAR_TAR", REPO.parent / "shared" / "data" / "cifar10-train.tar.gz"))
 
 # fast, CPU-only settings every test run starts from (tests add their own overrides after these)
 FAST = [
@@ -25,9 +27,9 @@ FAST = [
 ]
 
 
-def compose_cfg(overrides: list[str] | None = None, fast: bool = True) -> DictConfig:
+def compose_cfg(overrides: list[str] | None = None, fast: bool = True, **kwargs) -> DictConfig:
     """The config ``python -m selfsup.train <overrides>`` would get (plus the FAST settings)."""
-    return compose((FAST if fast else []) + list(overrides or []))
+    return compose((FAST if fast else []) + list(overrides or []), **kwargs)
 
 
 # every algorithm: discovered from conf/algo/, not listed by hand
@@ -76,7 +78,7 @@ def run_training(overrides: list[str], run_dir: Path):
 def cifar_folder(tmp_path_factory) -> Path:
     """30 real CIFAR-10 training JPEGs per class, extracted to a temporary class-folder tree."""
     if not CIFAR_TAR.is_file():
-        message = f"{CIFAR_TAR} not found (the shared CIFAR-10 JPEG archive)"
+        message = f"{CIFAR_TAR} not found (the CIFAR-10 JPEG archive; set SELFSUP_CIFAR_TAR to its path)"
         if os.environ.get("SELFSUP_REQUIRE_SHARED_DATA") == "1":  # set by .ci/run: CI must test on real images
             pytest.fail(message + "; SELFSUP_REQUIRE_SHARED_DATA=1 makes this a failure")
         pytest.skip(message)

@@ -8,6 +8,7 @@ started together (a module fixture, as many at a time as there are cores): each 
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -83,7 +84,7 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
         "algo.model.mask_ratio must be in [0, 1), got -0.1",
     ),
     "batch-too-large": (["schedule.batch_size=4096"], "lower schedule.batch_size"),
-    "accumulate-0": (["schedule.accumulate=0"], "schedule.batch_size and schedule.accumulate must be >= 1"),
+    "accumulate-0": (["schedule.accumulate=0"], "schedule.accumulate must be >= 1, got 0"),
     "base-batch-0": (["algo.optimizer.base_batch_size=0"], "algo.optimizer.base_batch_size must be >= 1, got 0"),
     "workers-negative": (["loader.num_workers=-1"], "loader.num_workers must be >= 0 or null (auto), got -1"),
     "empty-train-split": (
@@ -114,6 +115,54 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
         ],
         "cannot read image {tmp}/classes/a/0000_broken.jpg",
     ),
+    # numeric settings are checked where the config is composed (the dataclasses' __post_init__), with
+    # the value the user typed (not, e.g., the batch-scaled learning rate)
+    "lr-negative": (["algo.optimizer.lr=-1"], "algo.optimizer.lr must be > 0, got -1.0"),
+    "image-size-0": (["dataset.image_size=0"], "dataset.image_size must be >= 8, got 0"),
+    "image-size-own-views": (  # views with their own size: the dataset's check names it
+        ["dataset=fake", "algo.views.0.size=32", "dataset.image_size=-3"],
+        "dataset.image_size must be >= 8, got -3",
+    ),
+    "view-size-0": (["algo.views.0.size=0"], "algo.views[].size must be >= 1"),
+    "batch-size-0": (["schedule.batch_size=0"], "schedule.batch_size must be >= 1, got 0"),
+    "warmup-longer-than-training": (
+        ["schedule.warmup_epochs=5"],
+        "schedule.warmup_epochs must be in [0, schedule.epochs=1], got 5.0",
+    ),
+    "view-probability": (["algo.views.0.blur=1.5"], "algo.views[].blur=1.5 is a probability and must be in [0, 1]"),
+    "view-crop-scale": (
+        ["algo.views.0.crop_scale=[0.5,0.1]"],
+        "algo.views[].crop_scale must be two numbers [min, max] with 0 < min <= max <= 1, got [0.5, 0.1]",
+    ),
+    "prefetch-0": (
+        ["loader.prefetch_factor=0"],
+        "loader.prefetch_factor must be >= 1 (batches buffered per worker), got 0",
+    ),
+    "checkpoint-keep-negative": (["checkpoint.keep=-1"], "checkpoint.keep must be >= 0 (0 = keep all), got -1"),
+    "knn-temperature-0": (["knn.temperature=0"], "knn.temperature must be > 0, got 0.0"),
+    # resume= with something that is not a selfsup checkpoint (never: torch's advice to unpickle it)
+    "resume-text-file": (
+        ["resume={tmp}/notes.txt"],
+        "{tmp}/notes.txt is not a selfsup checkpoint (not a file written by torch.save); pass the last.pt",
+    ),
+    "resume-random-bytes": (
+        ["resume={tmp}/random.pt"],
+        "{tmp}/random.pt is not a selfsup checkpoint (not a file written by torch.save)",
+    ),
+    "resume-jpeg": (
+        ["resume={tmp}/classes/a/0000.jpg"],
+        "{tmp}/classes/a/0000.jpg is not a selfsup checkpoint (not a file written by torch.save)",
+    ),
+    "resume-pickled-module": (
+        ["resume={tmp}/module.pt"],
+        "{tmp}/module.pt is not a selfsup checkpoint: it holds Python objects (torch.nn.modules.linear.Linear) "
+        "that would have to be unpickled, which selfsup never does for files it is given",
+    ),
+    "resume-folder": (
+        ["resume={tmp}/old_run"],
+        "resume={tmp}/old_run is a folder, not a checkpoint: pass the .pt file (e.g. {tmp}/old_run/last.pt) "
+        "or run in that folder with hydra.run.dir={tmp}/old_run resume=auto",
+    ),
 }
 
 
@@ -124,6 +173,19 @@ def _prepare(case: str, tmp: Path) -> None:
     write_images(tmp / "flat", 4)
     if case == "corrupt-image":
         (tmp / "classes" / "a" / "0000_broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    if case == "resume-text-file":
+        (tmp / "notes.txt").write_text("epoch: 3\nloss: 0.42\n")
+    if case == "resume-random-bytes":
+        (tmp / "random.pt").write_bytes(random.Random(0).randbytes(4096))
+    if case == "resume-jpeg":
+        write_images(tmp / "classes" / "a", 1, fmt="jpg")
+    if case == "resume-pickled-module":
+        import torch
+
+        torch.save(torch.nn.Linear(2, 2), tmp / "module.pt")  # a whole module: loading it would run pickled code
+    if case == "resume-folder":
+        (tmp / "old_run").mkdir()
+        (tmp / "old_run" / "last.pt").write_bytes(b"")  # the folder message only looks for the file
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +213,7 @@ def test_bad_input_gives_one_line(case, bad_input_runs):
     line = one_error_line(proc)
     expected = BAD_INPUT[case][1].replace("{tmp}", str(tmp))
     assert expected in line, line
+    assert "weights_only" not in line  # torch's advice to load with weights_only=False is never passed on
     assert not (tmp / "run" / "last.pt").exists()  # stopped before training: no checkpoint claims to be one
 
 
@@ -165,8 +228,12 @@ def test_cfg_job_prints_the_composed_config():
 def test_resume_with_another_architecture(tmp_path):
     first = cli(*tiny("simclr"), *CPU, f"hydra.run.dir={tmp_path / 'a'}")
     assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = tmp_path / "a" / "last.pt"
+    line = one_error_line(cli(*tiny("mae"), *CPU, f"resume={ckpt}", f"hydra.run.dir={tmp_path / 'b'}"))
+    assert "was trained with other settings (algo.model._target_: selfsup.algorithms.simclr.SimCLR -> " in line
+    assert "resume_force=true" in line
     line = one_error_line(
-        cli(*tiny("mae"), *CPU, f"resume={tmp_path / 'a' / 'last.pt'}", f"hydra.run.dir={tmp_path / 'b'}")
+        cli(*tiny("mae"), *CPU, f"resume={ckpt}", "resume_force=true", f"hydra.run.dir={tmp_path / 'c'}")
     )
     assert "another architecture" in line and "missing keys: " in line and "unexpected keys: " in line
 

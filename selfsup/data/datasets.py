@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from selfsup.errors import ConfigError, DataError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("selfsup")
 
 
 @dataclass
@@ -72,12 +72,16 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.sort(train), np.sort(val)
 
 
+def check_image_size(image_size: int) -> None:
+    if not image_size >= 8:
+        raise ConfigError(f"dataset.image_size must be >= 8, got {image_size}")
+
+
 class ImageDataset(Dataset):
     """Base class: resolution, normalisation and the deterministic evaluation transform."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        if image_size < 8:
-            raise ConfigError(f"dataset.image_size must be >= 8, got {image_size}")
+        check_image_size(image_size)
         self.image_size = int(image_size)
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
@@ -148,6 +152,7 @@ class Digits(InMemoryImages):
         split_seed: int = 0,
     ) -> None:
         _check_split(split)
+        check_image_size(image_size)  # before the images are resized to it
         from sklearn.datasets import load_digits
 
         digits = load_digits()
@@ -176,6 +181,7 @@ class FakeImages(InMemoryImages):
         seed: int = 0,
     ) -> None:
         _check_split(split)
+        check_image_size(image_size)  # before the images are drawn at that size
         if num_samples < 1 or num_classes < 1:
             raise ConfigError("dataset.num_samples and dataset.num_classes must be >= 1")
         gen = torch.Generator().manual_seed(seed)
@@ -219,10 +225,16 @@ class CIFAR10(InMemoryImages):
         official_train = not (split == "val" and val_split == "test")
         try:
             tv = TVCIFAR10(root, train=official_train, download=download)
-        except RuntimeError as e:
+        except RuntimeError:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+            folder = os.path.join(root, "cifar-10-batches-py")
+            if os.path.isdir(folder):
+                raise DataError(
+                    f"dataset.root={root} holds an incomplete or corrupted CIFAR-10 in {folder}; delete that "
+                    "folder and add dataset.download=true, or point dataset.root at a complete copy"
+                ) from None
             raise DataError(
-                f"dataset.root={root} holds no CIFAR-10 (expected {root}/cifar-10-batches-py): {e} "
-                "Point dataset.root at the folder that contains cifar-10-batches-py, or add dataset.download=true"
+                f"dataset.root={root} holds no CIFAR-10 (expected {folder}); point dataset.root at the folder "
+                "that contains cifar-10-batches-py, or add dataset.download=true"
             ) from None
         images = torch.from_numpy(tv.data).permute(0, 3, 1, 2).contiguous()
         labels = np.asarray(tv.targets)
@@ -233,15 +245,91 @@ class CIFAR10(InMemoryImages):
         super().__init__(images, torch.from_numpy(labels), 10, image_size, mean, std)
 
 
+def _over_black(rgba: np.ndarray) -> np.ndarray:
+    """[H, W, 4] uint8 straight alpha -> [H, W, 3] uint8 composited onto black: colour * alpha / 255,
+    rounded to the nearest integer (exact integer arithmetic; the quotient never ends in .5)."""
+    rgb, alpha = rgba[..., :3].astype(np.uint32), rgba[..., 3:].astype(np.uint32)
+    return ((rgb * alpha + 127) // 255).astype(np.uint8)
+
+
+def to_rgb_uint8(img: Image.Image) -> Tensor:
+    """The pixels of a PIL image of any mode as a uint8 [3, H, W] tensor of 8-bit RGB values.
+
+    ``img.convert("RGB")`` (what torchvision's ImageFolder does) clips deep images instead of scaling
+    them, so a 16-bit PNG comes out all white, and it drops alpha. Here, by mode:
+
+    * ``RGB``: as is. ``1`` (0 or 255), ``L``: grey, repeated to the 3 channels.
+    * ``I;16``, ``I;16B``, ``I;16L``, ``I;16N`` (16-bit grey, e.g. 16-bit PNG/TIFF): value * 255 / 65535,
+      rounded to the nearest integer (= value / 257; 0 -> 0, 65535 -> 255).
+    * ``I`` (32-bit integer grey): if every value fits 16 bits (<= 65535; PIL often opens 16-bit PNGs
+      as ``I``), the 16-bit rule above; otherwise value * 255 / max, the image's own maximum, rounded.
+      Negative values are black (0) in both cases.
+    * ``F`` (32-bit float grey): if its maximum is <= 1 the values are taken as [0, 1] (clipped to it,
+      times 255), else as [0, 255] (clipped to it); then rounded to the nearest integer (halves to
+      even). NaN is black; +inf is white.
+    * Alpha (``LA``, ``PA``, ``RGBA``, and ``P``/``L``/``RGB`` with a ``transparency`` entry, e.g. a
+      PNG tRNS chunk): composited onto BLACK, colour * alpha / 255 rounded, so a fully transparent
+      pixel is black whatever colour it hides (torchvision's ``convert("RGB")`` simply drops alpha and
+      shows that hidden colour). ``La``/``RGBa`` (premultiplied alpha) already are the image over
+      black: their colour bands are used as they are.
+    * ``P``, ``PA``: through their palette (PIL). ``CMYK`` (naive: (255 - C) * (255 - K) / 255, as PIL
+      converts; no ICC profile), ``YCbCr`` (JPEG's full-range BT.601), ``LAB``, ``HSV``, ``RGBX`` and
+      any other mode: PIL's own ``convert("RGB")``.
+
+    A mode PIL cannot convert raises ValueError (ImageFolder counts the file as unreadable).
+    """
+    mode, info = img.mode, img.info
+    if mode in ("LA", "PA", "RGBA") or (mode in ("L", "P", "RGB") and info.get("transparency") is not None):
+        rgb = _over_black(np.asarray(img.convert("RGBA")))
+    elif mode in ("La", "RGBa"):  # premultiplied alpha
+        rgb = np.asarray(img)[..., :-1]
+    elif mode in ("RGB", "L"):
+        rgb = np.asarray(img)
+    elif mode == "1":
+        rgb = np.asarray(img).astype(np.uint8) * 255
+    elif mode == "I" or mode.startswith("I;16"):
+        v = np.asarray(img).astype(np.int64).clip(min=0)
+        top = int(v.max()) if v.size else 0
+        if top > 65535:  # only mode I can hold more than 16 bits: scale by its own maximum
+            rgb = np.rint(v.astype(np.float64) * 255 / top).astype(np.uint8)
+        else:  # round(v * 255 / 65535) = round(v / 257) = floor((2v + 257) / 514); never a tie
+            rgb = ((2 * v + 257) // 514).astype(np.uint8)
+    elif mode == "F":
+        v = np.nan_to_num(np.asarray(img).astype(np.float64), nan=0.0)  # +-inf -> +-largest float
+        v = v.clip(0, 1) * 255 if v.size and v.max() <= 1 else v.clip(0, 255)
+        rgb = np.rint(v).astype(np.uint8)
+    else:  # P, CMYK, YCbCr, LAB, HSV, RGBX, ...
+        rgb = np.asarray(img.convert("RGB"))
+    t = torch.from_numpy(np.array(rgb, dtype=np.uint8))  # a writable copy of PIL's read-only buffer
+    if t.dim() == 2 or t.shape[-1] == 1:  # grey (La gives [H, W, 1])
+        return t.reshape(t.shape[0], t.shape[1]).unsqueeze(0).repeat(3, 1, 1)
+    return t.permute(2, 0, 1)  # [3, H, W], channels-last memory like torchvision's pil_to_tensor
+
+
+# what a file that is not a decodable image raises in PIL (open, load or conversion)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+def _listing(names: Sequence[str], most: int) -> str:
+    """'a, b, c' or 'a, b, c and 4 more' (the first ``most`` names)."""
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 class ImageFolder(ImageDataset):
-    """Images on disk: either class sub-folders (``root/<class>/*.jpg``, labelled) or a flat
-    folder of images (unlabelled: pretraining works, the kNN monitor is off).
+    """Images on disk: either class sub-folders (``root/<class>/**/*.jpg``, labelled) or a flat
+    folder of images (unlabelled: pretraining works, the kNN monitor is off). See :meth:`scan` for
+    what counts as a class and an image, and :func:`to_rgb_uint8` for how each image mode is decoded.
 
     The kNN queries come from ``val_root`` (same class folders as ``root``) or, without it, from a
-    stratified ``val_fraction`` of ``root``.
+    stratified ``val_fraction`` of ``root`` (which needs class folders of at least 2 images each).
 
-    A file that cannot be decoded is skipped with a warning that names it (the next image is
-    used instead) when ``on_bad_image=skip``; ``on_bad_image=error`` stops the run.
+    A file that cannot be decoded stops the run with ``on_bad_image=error`` (a DataError naming it).
+    With ``on_bad_image=skip`` the next readable image is returned in its place (with the requested
+    index) and the file is flagged in :attr:`unreadable`, a uint8 tensor [len(samples)] in shared
+    memory, so flags set in DataLoader worker processes are seen by the main process. Nothing is
+    logged per item: the trainer reports :meth:`new_unreadable` (each path once) and
+    :meth:`unreadable_count`. A flagged file is not decoded again.
     """
 
     MAX_CONSECUTIVE_BAD = 50
@@ -279,34 +367,106 @@ class ImageFolder(ImageDataset):
             samples, classes = val_samples, val_classes
         elif classes and val_root is None:
             labels = np.array([y for _, y in samples])
+            if 0 < val_fraction < 1:
+                self._check_holdout(root, labels, classes, val_fraction)
             train, val = stratified_split(labels, val_fraction, split_seed)
             samples = [samples[i] for i in (train if split == "train" else val)]
+        elif val_root is None and val_fraction > 0:
+            raise ConfigError(
+                f"dataset.val_fraction={val_fraction} needs class folders to hold out a labelled split, but {root} "
+                "is a flat folder of unlabelled images; set dataset.val_fraction=0 (the kNN monitor is then off)"
+            )
         elif split == "val":
             samples = []  # unlabelled, or a separate val_root is used for val only
         self.root, self.samples, self.classes = root, samples, classes
         self.num_classes = len(classes)
+        self.unreadable = torch.zeros(len(samples), dtype=torch.uint8).share_memory_()
+        self._reported = np.zeros(len(samples), dtype=bool)  # main process: flags new_unreadable() returned
+
+    @staticmethod
+    def _check_holdout(root: str, labels: np.ndarray, classes: list[str], val_fraction: float) -> None:
+        """A stratified held-out split needs 2 images of every class (scikit-learn's message names none)."""
+        counts = np.bincount(labels, minlength=len(classes))
+        small = [classes[c] for c in np.flatnonzero(counts < 2)]
+        if small:
+            one = len(small) == 1
+            raise ConfigError(
+                f"dataset.val_fraction={val_fraction} holds out part of every class, but {len(small)} class "
+                f"folder{'' if one else 's'} of {root} hold{'s' if one else ''} a single image "
+                f"({_listing(small, 3)}); add images to {'it' if one else 'them'}, remove {'it' if one else 'them'}, "
+                "or set dataset.val_fraction=0 (the kNN monitor is then off)"
+            )
 
     @staticmethod
     def scan(root: str) -> tuple[list[tuple[str, int]], list[str]]:
-        """(path, label) pairs and class names; label -1 and no classes for a flat folder."""
-        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+        """(path, label) pairs and class names; label -1 and no classes for a flat folder.
+
+        Classes are ``root``'s sub-folders that hold images (searched recursively), in sorted order.
+        Images are files with one of torchvision's ``IMG_EXTENSIONS`` (any case). Names starting
+        with '.' are skipped at every level (``.ipynb_checkpoints``, macOS ``._*`` files), as are
+        other files. Logged once per call, as warnings on the ``selfsup`` logger: sub-folders with no
+        images (not classes), and images lying at the top level next to class folders (not used).
+        """
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        def is_image(name: str) -> bool:
+            return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
         path = Path(os.path.expanduser(root))
         if not path.is_dir():
             raise DataError(f"dataset root {root} does not exist or is not a folder; pass dataset.root=<image folder>")
-        subdirs = [d for d in path.iterdir() if d.is_dir()]
-        if subdirs:
-            classes, class_to_idx = find_classes(str(path))
-            samples = make_dataset(str(path), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-            if samples:
-                return list(samples), classes
-        flat = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
-        if not flat:
+        folders, top_images = [], []
+        for entry in sorted(os.scandir(path), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                folders.append(entry.name)
+            elif entry.is_file() and is_image(entry.name):
+                top_images.append(entry.path)
+
+        found: dict[str, list[str]] = {}  # class -> its images, ordered like torchvision's make_dataset
+        for name in folders:
+            walk = []
+            for dirpath, dirnames, filenames in os.walk(os.path.join(path, name), followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                walk.append((dirpath, sorted(f for f in filenames if is_image(f))))
+            found[name] = [os.path.join(d, f) for d, files in sorted(walk) for f in files]
+        classes = [name for name in folders if found[name]]
+        empty = [name for name in folders if not found[name]]
+
+        if classes:
+            samples = [(p, label) for label, name in enumerate(classes) for p in found[name]]
+        elif top_images:
+            samples = [(p, -1) for p in top_images]
+        else:
             raise DataError(
                 f"dataset root {root} holds no images ({', '.join(IMG_EXTENSIONS)}) in class sub-folders "
                 "or at its top level"
             )
-        return [(p, -1) for p in flat], []
+        if empty:
+            one = len(empty) == 1
+            log.warning(
+                "ignoring %d sub-folder%s of %s that hold%s no images and %s: %s",
+                len(empty),
+                "" if one else "s",
+                path,
+                "s" if one else "",
+                "is not a class" if one else "are not classes",
+                _listing(empty, 5),
+            )
+        if classes and top_images:
+            pronoun = "it" if len(top_images) == 1 else "them"
+            log.warning(
+                "ignoring %d image file%s at the top level of %s, next to its class folders (e.g. %s); "
+                "move %s into a class folder to use %s",
+                len(top_images),
+                "" if len(top_images) == 1 else "s",
+                path,
+                os.path.basename(top_images[0]),
+                pronoun,
+                pronoun,
+            )
+        return samples, classes
 
     def eval_transform(self) -> Callable[[Tensor], Tensor]:
         """Resize the short side to image_size / 0.875, centre-crop image_size (256 -> 224)."""
@@ -317,16 +477,33 @@ class ImageFolder(ImageDataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
-        for attempt in range(self.MAX_CONSECUTIVE_BAD):
+        tries = min(self.MAX_CONSECUTIVE_BAD, len(self.samples))
+        for attempt in range(tries):
             j = (i + attempt) % len(self.samples)
             path, label = self.samples[j]
+            if self.on_bad_image == "skip" and self.unreadable[j]:
+                continue  # known to be unreadable: not decoded again
             try:
                 with Image.open(path) as img:  # a substitute keeps the requested index i
-                    return pil_to_tensor(img.convert("RGB")), label, i
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    return to_rgb_uint8(img), label, i
+            except _DECODE_ERRORS as e:
+                self.unreadable[j] = 1  # shared memory: seen by the main process
                 if self.on_bad_image == "error":
                     raise DataError(
                         f"cannot read image {path}: {e}; remove it or set dataset.on_bad_image=skip"
                     ) from None
-                log.warning("skipping unreadable image %s (%s)", path, e)
-        raise DataError(f"{self.MAX_CONSECUTIVE_BAD} consecutive unreadable images from {self.samples[i][0]}")
+        raise DataError(
+            f"{tries} consecutive unreadable images from {self.samples[i][0]} on; check the image files in {self.root}"
+        )
+
+    def new_unreadable(self) -> list[str]:
+        """Paths flagged unreadable since the previous call (main process only: the record of what
+        was already returned is not shared)."""
+        flagged = self.unreadable.numpy().astype(bool)  # one snapshot: a flag set meanwhile comes next time
+        new = np.flatnonzero(flagged & ~self._reported)
+        self._reported |= flagged
+        return [self.samples[k][0] for k in new]
+
+    def unreadable_count(self) -> int:
+        """How many of this split's files have failed to decode so far (in any process)."""
+        return int(self.unreadable.sum())

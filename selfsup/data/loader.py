@@ -7,6 +7,7 @@ of workers see exactly the same views.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,14 +29,30 @@ class LoaderConfig:
     persistent_workers: bool = True
     prefetch_factor: int = 2
 
+    def __post_init__(self) -> None:
+        if self.num_workers is not None and not self.num_workers >= 0:
+            raise ConfigError(f"loader.num_workers must be >= 0 or null (auto), got {self.num_workers}")
+        if not self.prefetch_factor >= 1:
+            raise ConfigError(
+                f"loader.prefetch_factor must be >= 1 (batches buffered per worker), got {self.prefetch_factor}"
+            )
+
 
 class SeededSampler(DistributedSampler):
     """DistributedSampler (shuffle by seed + epoch, drop the tail so every rank gets the same
-    number of distinct images) that also hands each item its own augmentation seed."""
+    number of distinct images) that also hands each item its own augmentation seed. ``start`` skips
+    the first items of this rank's share of the epoch (a run resumed in the middle of an epoch)."""
+
+    def __init__(self, *args: Any, start: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.start = start
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
-        for i in super().__iter__():
+        for i in itertools.islice(super().__iter__(), self.start, None):
             yield i, (base + i) % 2**63
 
 
@@ -72,9 +89,19 @@ def train_loader(
     world_size: int,
     workers: int,
     device: torch.device,
+    skip_batches: int = 0,
 ) -> DataLoader:
-    """The loader of ``epoch``: this rank's shard of a seeded permutation, whole batches only."""
-    sampler = SeededSampler(views, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    """The loader of ``epoch``: this rank's shard of a seeded permutation, whole batches only, from
+    batch ``skip_batches`` on (the same batches and views an uninterrupted epoch would have had)."""
+    sampler = SeededSampler(
+        views,
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=True,
+        seed=seed,
+        drop_last=True,
+        start=skip_batches * batch_size,
+    )
     sampler.set_epoch(epoch)
     return DataLoader(
         views,

@@ -51,6 +51,23 @@ class MaskConfig:
     ratio: float = 0.6  # simmim: fraction of the mask patches that are masked
     mask_patch_size: int = 32  # simmim: side of a mask patch, in pixels
 
+    def __post_init__(self) -> None:
+        for key in ("patch_size", "min_block", "mask_patch_size"):
+            value = getattr(self, key)
+            if not value >= 1:
+                raise ConfigError(f"algo.views[].mask.{key} must be >= 1, got {value}")
+        if not self.num_patches >= 0:
+            raise ConfigError(f"algo.views[].mask.num_patches must be >= 0, got {self.num_patches}")
+        if self.max_block is not None and not self.max_block >= self.min_block:
+            raise ConfigError(
+                f"algo.views[].mask.max_block must be >= mask.min_block={self.min_block} or null (num_patches), "
+                f"got {self.max_block}"
+            )
+        if not 0 < self.min_aspect <= 1:
+            raise ConfigError(f"algo.views[].mask.min_aspect must be in (0, 1], got {self.min_aspect}")
+        if not 0 <= self.ratio < 1:
+            raise ConfigError(f"algo.views[].mask.ratio must be in [0, 1), got {self.ratio}")
+
 
 @dataclass
 class GridConfig:
@@ -60,6 +77,12 @@ class GridConfig:
 
     cells: int = 0
     patch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.cells >= 0:
+            raise ConfigError(f"algo.views[].grid.cells must be >= 0 (0 = no grid), got {self.cells}")
+        if not self.patch_size >= 1:
+            raise ConfigError(f"algo.views[].grid.patch_size must be >= 1, got {self.patch_size}")
 
 
 @dataclass
@@ -93,6 +116,36 @@ class ViewConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)  # draw a mask with the view (mask.kind: block | simmim)
     rotations: list[int] = field(default_factory=list)  # emit the view once per rotation (degrees, x90)
     grid: GridConfig = field(default_factory=GridConfig)  # emit a grid's patches (grid.cells: 3 = Relative-Loc)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, rule: str, value: Any) -> ConfigError:
+            return ConfigError(f"algo.views[].{key} must be {rule}, got {value}")
+
+        if self.size != MISSING and not self.size >= 1:  # MISSING: set later (Hydra reports it unset)
+            raise bad("size", ">= 1 (the views take dataset.image_size unless they set their own)", self.size)
+        if not self.copies >= 1:
+            raise bad("copies", ">= 1", self.copies)
+        for key, upper in (("crop_scale", 1.0), ("crop_ratio", float("inf"))):
+            pair = list(getattr(self, key))
+            if len(pair) != 2 or not 0 < pair[0] <= pair[1] <= upper:
+                rule = "0 < min <= max <= 1" if upper == 1.0 else "0 < min <= max"
+                raise bad(key, f"two numbers [min, max] with {rule}", pair)
+        for key in ("hflip", "color_jitter", "grayscale", "blur", "solarize"):
+            _prob(self, key)
+        for key in ("rotation", "brightness", "contrast", "saturation"):
+            if not getattr(self, key) >= 0:
+                raise bad(key, ">= 0", getattr(self, key))
+        if not 0 <= self.translate <= 1:
+            raise bad("translate", "in [0, 1] (a fraction of the view size)", self.translate)
+        if not 0 <= self.hue <= 0.5:
+            raise bad("hue", "in [0, 0.5]", self.hue)
+        sigma = list(self.blur_sigma)
+        if len(sigma) != 2 or not 0 < sigma[0] <= sigma[1]:
+            raise bad("blur_sigma", "two numbers [min, max] with 0 < min <= max", sigma)
+        if not 0 < self.blur_kernel <= 1:
+            raise bad("blur_kernel", "in (0, 1] (a fraction of the view size)", self.blur_kernel)
+        if self.second_size is not None and not self.second_size >= 1:
+            raise bad("second_size", ">= 1", self.second_size)
 
 
 def as_view_config(spec: ViewConfig | Mapping[str, Any]) -> ViewConfig:

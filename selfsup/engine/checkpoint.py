@@ -37,7 +37,15 @@ class CheckpointConfig:
     """``checkpoint``: which epoch checkpoints are kept (``last.pt`` is rewritten every epoch)."""
 
     interval: int = 1  # keep epoch_NNNN.pt every N epochs (and the final one); 0 = only last.pt
-    keep: int = 0  # keep only the newest N epoch_NNNN.pt (0 = all)
+    keep: int = 3  # keep only the newest N epoch_NNNN.pt (0 = all); MMSelfSup keeps 3
+
+    def __post_init__(self) -> None:
+        from selfsup.errors import ConfigError
+
+        if not self.interval >= 0:
+            raise ConfigError(f"checkpoint.interval must be >= 0 (0 = only last.pt), got {self.interval}")
+        if not self.keep >= 0:
+            raise ConfigError(f"checkpoint.keep must be >= 0 (0 = keep all), got {self.keep}")
 
 
 class Stateful(Protocol):
@@ -48,19 +56,53 @@ class Stateful(Protocol):
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``: a crash at
-    any moment leaves either the old complete file or the new complete file, never a torn one."""
+    any moment leaves either the old complete file or the new complete file, never a torn one.
+
+    A failed write (disk full, quota, read-only or forbidden folder: an ``OSError``, which torch may
+    wrap in a ``RuntimeError``) raises a :class:`CheckpointError` naming the file and the OS's reason."""
+    import contextlib
+    import errno
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+    def os_error_behind(e: BaseException) -> OSError | None:
+        seen: BaseException | None = e
+        while seen is not None and not isinstance(seen, OSError):
+            seen = seen.__cause__ or seen.__context__
+        return seen if isinstance(e, Exception) else None  # never swallow KeyboardInterrupt / SystemExit
+
+    def write_error(e: OSError) -> CheckpointError:
+        reason = e.strerror or str(e) or type(e).__name__
+        if path.is_file():
+            previous = "the previous checkpoint at that path is intact"
+        else:
+            previous = "there was no previous checkpoint at that path"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            todo = f"free disk space (or quota) for {path.parent} and run again"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            todo = f"make {path.parent} writable or pick another hydra.run.dir"
+        else:
+            todo = "fix that and run again"
+        return CheckpointError(f"cannot write checkpoint {path}: {reason}; {previous}; {todo}")
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # keep the original error
+            Path(tmp).unlink(missing_ok=True)
+        cause = os_error_behind(e)
+        if cause is None:
+            raise
+        raise write_error(cause) from e
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -73,14 +115,63 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint on the CPU with ``weights_only=True``."""
+    """Load a checkpoint on the CPU with ``weights_only=True`` (no code in a file we are given runs).
+
+    Each way a path can be wrong is one :class:`CheckpointError` line saying what the path is: missing,
+    a folder, not a torch file, a torch file of pickled Python objects, a damaged torch file, or one
+    without selfsup's ``format`` entry. (torch's advice to retry with unsafe unpickling is never passed on.)"""
+    import pickle
+    import re
+    import zipfile
+
     path = Path(path).expanduser()
+    if path.is_dir():
+        last = path / "last.pt"
+        if last.is_file():
+            hint = f"pass the .pt file (e.g. {last}) or run in that folder with hydra.run.dir={path} resume=auto"
+        elif others := sorted(path.glob("*.pt")):
+            hint = f"pass the .pt file (e.g. {others[-1]}); the folder holds no last.pt for resume=auto"
+        else:
+            hint = "pass the .pt file of a selfsup run (this folder holds none)"
+        raise CheckpointError(f"resume={path} is a folder, not a checkpoint: {hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass resume=<path to a .pt file> or resume=auto")
+    use = "; pass the last.pt or an epoch_NNNN.pt that a selfsup run wrote"
+    not_torch = f"{path} is not a selfsup checkpoint (not a file written by torch.save)"
+    damaged = f"{path} is a damaged checkpoint: torch.save wrote it, but it is cut short or corrupt"
     try:
+        # what torch.save writes: a zip archive of <name>/data.pkl + tensors (cut short, it is no valid
+        # zip), or (legacy format) a pickle that starts with torch's magic number. Anything else is
+        # refused before torch reads it.
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        legacy = head.startswith(b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little"))
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                if not any(name.endswith("/data.pkl") for name in z.namelist()):
+                    raise CheckpointError(f"{not_torch}: a zip archive without torch's data.pkl{use}")
+        elif head.startswith(b"PK\x03\x04") and b"/data.pkl" in head:
+            raise CheckpointError(f"{damaged} (an interrupted copy?); use another checkpoint of that run")
+        elif not legacy:
+            raise CheckpointError(not_torch + (": the file is empty" if not head else "") + use)
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, or one that needs arbitrary unpickling
-        raise CheckpointError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+    except OSError as e:  # unreadable: permissions, I/O error
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # a torch file of pickled Python objects, or a damaged one
+        text = str(e)
+        if isinstance(e, pickle.UnpicklingError) and "weights only" in text.lower():
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{path} is not a selfsup checkpoint: it holds Python objects{what} that would have to be "
+                f"unpickled, which selfsup never does for files it is given{use}"
+            ) from None
+        reason = (text.strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        if "weights_only" in reason:
+            reason = type(e).__name__
+        raise CheckpointError(f"{damaged} ({reason}); use another checkpoint of that run") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a selfsup training checkpoint (no 'format: {FORMAT}' entry)")
     return ckpt
@@ -145,8 +236,16 @@ class CheckpointManager:
     this rank's RNG state, and returns the checkpoint for the caller's own entries.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, cfg: CheckpointConfig, stateful: Mapping[str, Stateful]) -> None:
-        self.run_dir, self.cfg, self.stateful = Path(run_dir), cfg, dict(stateful)
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        cfg: CheckpointConfig,
+        stateful: Mapping[str, Stateful],
+        save_only: tuple[str, ...] = (),
+    ) -> None:
+        # ``save_only``: entries written for the record but rebuilt from the config on restore (the lr
+        # schedule: its shape follows the current config, see selfsup/engine/resume.py)
+        self.run_dir, self.cfg, self.stateful, self.save_only = Path(run_dir), cfg, dict(stateful), save_only
 
     @property
     def last(self) -> Path | None:
@@ -176,14 +275,23 @@ class CheckpointManager:
         distributed.barrier()
         return path
 
-    def restore(self, path: str | os.PathLike) -> dict[str, Any]:
-        state = load(path)
+    def restore(self, path: str | os.PathLike, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Load ``path`` (or its already loaded ``state``) into the stateful objects and this rank's RNG."""
+        state = load(path) if state is None else state
         for name, obj in self.stateful.items():
+            if name in self.save_only:
+                continue
             if name == "model":
                 assert isinstance(obj, nn.Module)
                 load_model_state(obj, state[name], str(path))
             elif state.get(name):  # e.g. an empty grad-scaler state when fp16 was off
-                obj.load_state_dict(state[name])
+                try:
+                    obj.load_state_dict(state[name])
+                except (ValueError, KeyError, RuntimeError) as e:
+                    raise CheckpointError(
+                        f"{path}: its {name} state does not fit this run ({str(e).splitlines()[0]}); resume "
+                        "with the settings it was trained with"
+                    ) from None
         rngs = state.get("rng") or []
         if len(rngs) == distributed.get_world_size():
             set_rng_state(rngs[distributed.get_rank()])

@@ -26,9 +26,17 @@ class LogConfig:
     tensorboard: bool = True  # also write TensorBoard event files to <run dir>/tb
     progress: bool = True  # a progress bar on a TTY (plain log lines otherwise)
 
+    def __post_init__(self) -> None:
+        from selfsup.errors import ConfigError
+
+        if not self.interval >= 1:
+            raise ConfigError(f"log.interval must be >= 1 (optimizer steps between log lines), got {self.interval}")
+
 
 class MetricLogger:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True) -> None:
+    """``purge_step``: a resumed run discards TensorBoard events from that step on (logged again)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, purge_step: int | None = None) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self._file = open(self.path, "a") if enabled else None  # noqa: SIM115 - kept open for the run
@@ -36,7 +44,7 @@ class MetricLogger:
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
 
     def write(self, kind: str, step: int, epoch: float, **scalars: float) -> None:
         if not self.enabled:
@@ -69,26 +77,41 @@ class Progress:
         self._total = 0
         self._desc = ""
 
-    def start(self, epoch: int, epochs: int, total: int) -> None:
+    def start(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
         self._total, self._desc = total, f"epoch {epoch + 1}/{epochs}"
         if self.use_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=self._desc, leave=False, dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=done, desc=self._desc, leave=False, dynamic_ncols=True)
 
     def update(self, step_in_epoch: int, scalars: dict[str, float] | None = None) -> None:
         """Call after each optimizer step; ``scalars`` only on logging steps."""
         if not self.enabled:
             return
+        shown = {k: v for k, v in (scalars or {}).items() if k != "eta_s"}
+        eta = format_seconds(scalars["eta_s"]) if scalars and "eta_s" in scalars else None
         if self._bar is not None:
             self._bar.update(1)
             if scalars:
-                self._bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)
+                postfix = {k: f"{v:.4g}" for k, v in shown.items()}
+                if eta:
+                    postfix["eta"] = eta
+                self._bar.set_postfix(postfix, refresh=False)
         elif scalars:
-            text = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
-            log.info("%s step %d/%d %s", self._desc, step_in_epoch, self._total, text)
+            text = " ".join(f"{k} {v:.4g}" for k, v in shown.items())
+            log.info("%s step %d/%d %s%s", self._desc, step_in_epoch, self._total, text, f" eta {eta}" if eta else "")
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def format_seconds(seconds: float) -> str:
+    """``1h02m``, ``3m07s`` or ``42s``."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"

@@ -30,6 +30,15 @@ class ParamOverride:
     lars_exclude: bool | None = None
     fixed_lr: bool = False  # keep the base lr: no schedule (SimSiam's predictor)
 
+    def __post_init__(self) -> None:
+        where = "algo.optimizer.paramwise.<name>"
+        for key, of in (("lr_mult", "learning rate"), ("decay_mult", "weight decay")):
+            value = getattr(self, key)
+            if not value >= 0:
+                raise ConfigError(f"{where}.{key} must be >= 0 (a factor of the {of}), got {value}")
+        if self.momentum is not None and not 0 <= self.momentum <= 1:
+            raise ConfigError(f"{where}.momentum must be in [0, 1] or null, got {self.momentum}")
+
 
 @dataclass
 class OptimizerConfig:
@@ -52,6 +61,28 @@ class OptimizerConfig:
     # also exclude them from LARS' trust ratio (SimCLR/BYOL recipes)
     lars_exclude_norm_bias: bool = True
     paramwise: dict[str, ParamOverride] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, rule: str, value: Any) -> ConfigError:
+            return ConfigError(f"algo.optimizer.{key} must be {rule}, got {value}")
+
+        if not self.lr > 0:
+            raise bad("lr", "> 0", self.lr)
+        if not self.base_batch_size >= 1:
+            raise bad("base_batch_size", ">= 1", self.base_batch_size)
+        if not self.weight_decay >= 0:
+            raise bad("weight_decay", ">= 0", self.weight_decay)
+        if self.weight_decay_end is not None and not self.weight_decay_end >= 0:
+            raise bad("weight_decay_end", ">= 0 or null (a constant weight decay)", self.weight_decay_end)
+        if not 0 <= self.momentum <= 1:
+            raise bad("momentum", "in [0, 1]", self.momentum)
+        betas = list(self.betas)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise bad("betas", "two numbers in [0, 1), e.g. [0.9, 0.999]", betas)
+        if not self.eps > 0:
+            raise bad("eps", "> 0", self.eps)
+        if not self.lars_eta > 0:
+            raise bad("lars_eta", "> 0", self.lars_eta)
 
 
 def scaled_lr(base_lr: float, global_batch: int, base_batch_size: int, enabled: bool = True) -> float:

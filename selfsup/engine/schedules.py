@@ -151,3 +151,31 @@ class ScheduleConfig:
     # linear scaling rule: lr = algo.optimizer.lr * global batch / algo.optimizer.base_batch_size
     scale_lr: bool = True
     clip_grad: float | None = None  # max global grad norm
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "accumulate"):
+            value = getattr(self, key)
+            if not value >= 1:
+                raise ConfigError(f"schedule.{key} must be >= 1, got {value}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(
+                f"schedule.warmup_epochs must be in [0, schedule.epochs={self.epochs}], got {self.warmup_epochs}"
+            )
+        if not 0 < self.warmup_start_factor <= 1:
+            raise ConfigError(
+                f"schedule.warmup_start_factor must be in (0, 1] (the warm-up starts at this fraction of the lr), "
+                f"got {self.warmup_start_factor}"
+            )
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(
+                f"schedule.min_lr_ratio must be in [0, 1] (the lr ends at this fraction), got {self.min_lr_ratio}"
+            )
+        milestones = list(self.milestones)
+        if not all(1 <= m <= self.epochs for m in milestones):
+            raise ConfigError(
+                f"schedule.milestones must be epochs in [1, schedule.epochs={self.epochs}], got {milestones}"
+            )
+        if not self.gamma > 0:
+            raise ConfigError(f"schedule.gamma must be > 0, got {self.gamma}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ConfigError(f"schedule.clip_grad must be > 0 or null (no clipping), got {self.clip_grad}")

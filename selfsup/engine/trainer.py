@@ -14,6 +14,9 @@ import inspect
 import logging
 import os
 import random
+import resource
+import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -23,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -34,13 +38,16 @@ from selfsup.config import Precision, TrainConfig, to_plain, typed
 from selfsup.data.datasets import ImageDataset
 from selfsup.data.loader import SeededViews, resolve_workers, train_loader
 from selfsup.data.views import Normalize, view_sizes
+from selfsup.engine import checkpoint as ckpt_io
+from selfsup.engine import resume as resume_rule
+from selfsup.engine import run_dir as run_dirs
 from selfsup.engine.build import build_algorithm, build_dataset, view_pipelines
 from selfsup.engine.checkpoint import CheckpointManager
 from selfsup.engine.logger import MetricLogger, Progress
 from selfsup.engine.optim import OptimizerName, build_optimizer, scaled_lr
 from selfsup.engine.schedules import LRFactor, scheduled_value
 from selfsup.engine.state import TrainState
-from selfsup.errors import ConfigError, TrainingDiverged
+from selfsup.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from selfsup.eval.knn import KNNMonitor
 from selfsup.models.sync_batchnorm import convert_sync_batchnorm
 
@@ -80,6 +87,7 @@ class Trainer:
         self.device, self.is_main = self.env.device, self.env.is_main
         if not self.is_main:  # one copy of every message: rank 0 speaks, the others only warn
             logging.getLogger().setLevel(logging.WARNING)
+        run_dirs.prepare(self.run_dir, c.resume, c.overwrite)  # never write over another run by accident
         self.seed = c.seed
         seed_everything(self.seed, c.deterministic)
 
@@ -91,6 +99,13 @@ class Trainer:
         if c.knn.enabled and self.train_set.has_labels:
             val = build_dataset(c.dataset, "val")
             self.val_set = val if len(val) > 0 else None
+        if c.knn.enabled and self.val_set is None:
+            why = "the images have no class folders" if not self.train_set.has_labels else "there is no held-out split"
+            log.info(
+                "kNN monitor off: %s; for labelled class folders set dataset.val_fraction=0.1 or "
+                "dataset.val_root=<folder> (knn.enabled=false silences this)",
+                why,
+            )
         self.view_sizes = view_sizes(c.algo.views)  # the side of every view the algorithm receives
         self.train_views = SeededViews(self.train_set, view_pipelines(c))
 
@@ -155,8 +170,11 @@ class Trainer:
             self.run_dir,
             c.checkpoint,
             {"model": self.algo, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler},
+            save_only=("scheduler",),
         )
         self.resumed_from: Path | None = None
+        self._interrupted = False  # set by Ctrl-C: stop at the next step boundary
+        self._fit_start_time, self._fit_start_step = time.perf_counter(), 0
         self._maybe_resume(c.resume)
 
         if c.compile:
@@ -197,13 +215,58 @@ class Trainer:
                 return
         else:
             path = Path(resume).expanduser()
-        ckpt = self.checkpoints.restore(path)
+        ckpt = ckpt_io.load(path)
+        self._check_resume_config(path, ckpt)
+        # the optimiser's state (momentum buffers, moments) comes from the checkpoint, its
+        # hyper-parameters (lr, weight decay, ...) from this run's config
+        fresh = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        self.checkpoints.restore(path, ckpt)
+        for group, values in zip(self.optimizer.param_groups, fresh):
+            group.update(values)
         if ckpt.get("rng_restored") is False:
             seed_everything(self.seed + 1000 * int(ckpt["epoch"]) + self.env.rank, self.cfg.deterministic)
         self.state.epoch, self.state.step = int(ckpt["epoch"]), int(ckpt["step"])
+        self._set_schedule_step(self.state.step)
         self.knn_initial = ckpt.get("knn_initial")
         self.resumed_from = path
-        log.info("resumed from %s (epoch %d, step %d)", path, self.state.epoch, self.state.step)
+        log.info(
+            "resumed from %s (epoch %d, step %d of %d): lr now %.4g",
+            path,
+            self.state.epoch,
+            self.state.step,
+            self.state.total_steps,
+            self.optimizer.param_groups[0]["lr"],
+        )
+
+    def _check_resume_config(self, path: Path, ckpt: dict[str, Any]) -> None:
+        """The resume rule (``engine/resume.py``): refuse changed settings unless resume_force."""
+        if not ckpt.get("config"):
+            return
+        diff = resume_rule.changes(yaml.safe_load(ckpt["config"]), to_plain(self.cfg))
+        replanned, warned, refused = resume_rule.classify(diff)
+        if refused and not self.cfg.resume_force:
+            raise ConfigError(
+                f"{path} was trained with other settings ({resume_rule.describe(refused)}); resume with the "
+                "settings it was trained with, or pass resume_force=true to continue with the new ones"
+            )
+        if refused:
+            log.warning("resume_force=true: continuing with changed settings: %s", resume_rule.describe(refused))
+        if warned:
+            log.warning("resuming with moved data: %s", resume_rule.describe(warned))
+        if replanned:
+            log.info(
+                "schedule re-planned for %d epochs (%s): the remaining steps follow the new schedule",
+                self.state.epochs,
+                resume_rule.describe(replanned),
+            )
+
+    def _set_schedule_step(self, step: int) -> None:
+        """Put the lr schedule at optimizer step ``step`` (the lr of each group = its base lr x factor)."""
+        self.scheduler.last_epoch = step
+        lrs = [base * factor(step) for base, factor in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
 
     # ------------------------------------------------------------------ services for the algorithm
     @property
@@ -219,11 +282,27 @@ class Trainer:
         return self.knn_monitor.features(self.algo, fn, self.train_set)[0]
 
     def _extract(self, fn: Callable[[Tensor], Tensor], dataset: ImageDataset) -> tuple[Tensor, Tensor]:
-        return self.knn_monitor.features(self.algo, fn, dataset)
+        try:
+            return self.knn_monitor.features(self.algo, fn, dataset)
+        finally:
+            self._report_unreadable()
 
     def knn(self) -> dict[str, float] | None:
         """Weighted kNN top-1/top-5 of backbone features: train split = bank, val split = queries."""
-        return self.knn_monitor(self.algo)
+        try:
+            return self.knn_monitor(self.algo)
+        finally:
+            self._report_unreadable()
+
+    def _report_unreadable(self) -> None:
+        """One warning per image file that could not be decoded, the first time any pass met it (image
+        folders flag them in shared memory, also from DataLoader workers)."""
+        for ds in (self.train_set, self.val_set):
+            for path in getattr(ds, "new_unreadable", lambda: [])():
+                log.warning("skipped unreadable image %s (the next readable image is used in its place)", path)
+
+    def unreadable_count(self) -> int:
+        return sum(getattr(ds, "unreadable_count", lambda: 0)() for ds in (self.train_set, self.val_set))
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> Path:
@@ -240,7 +319,7 @@ class Trainer:
         return self.checkpoints.save(self.state.epoch, self.state.step, final, extra)
 
     # ------------------------------------------------------------------ training
-    def _loader(self, epoch: int) -> DataLoader:
+    def _loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
         c = self.cfg
         return train_loader(
             self.train_views,
@@ -252,6 +331,7 @@ class Trainer:
             self.env.world_size,
             self.num_workers,
             self.device,
+            skip_batches,
         )
 
     def _check_finite(self, loss: float) -> None:
@@ -311,20 +391,32 @@ class Trainer:
         self.state.step += 1
         return out, self.algo.after_step(self.state)
 
+    def _stop_requested(self) -> bool:
+        """Whether a Ctrl-C asked to stop, agreed by all ranks (they stop at the same step)."""
+        if self.env.world_size == 1:
+            return self._interrupted
+        flag = torch.tensor(float(self._interrupted), device=self.device)
+        return bool(distributed.all_reduce_(flag) > 0)
+
     def _train_epoch(self, logger: MetricLogger, progress: Progress) -> float:
+        """One epoch (or its rest, after a resume in the middle of it); returns its mean loss."""
         acc, interval = self.cfg.schedule.accumulate, self.cfg.log.interval
         steps_per_epoch = self.state.steps_per_epoch
+        done = self.state.step - self.state.epoch * steps_per_epoch  # steps of this epoch already taken
         self.model.train()
         self.algo.on_epoch_start(self)
-        progress.start(self.state.epoch, self.state.epochs, steps_per_epoch)
+        progress.start(self.state.epoch, self.state.epochs, steps_per_epoch, done)
         loss_sum = torch.zeros((), device=self.device)
         epoch_sum = torch.zeros((), device=self.device)
         extra_sums: dict[str, Tensor] = {}
-        seen, window_micro, t_window = 0, 0, time.perf_counter()
-        micro_limit = steps_per_epoch * acc
-        for i, batch in enumerate(self._loader(self.state.epoch)):
+        seen, window_micro, processed = 0, 0, 0
+        t_window = t_epoch = t_ready = time.perf_counter()
+        data_time = 0.0
+        micro_limit = (steps_per_epoch - done) * acc
+        for i, batch in enumerate(self._loader(self.state.epoch, done * acc)):
             if i >= micro_limit:
                 break
+            data_time += time.perf_counter() - t_ready  # waiting for the loader
             inputs = self.to_device(batch)
             last_micro = (i + 1) % acc == 0
             out, extra = self.train_step(inputs, last_micro)
@@ -334,17 +426,25 @@ class Trainer:
                     extra_sums[k] = extra_sums.get(k, torch.zeros((), device=self.device)) + v.detach().float()
             seen += inputs["views"][0].shape[0] * self.env.world_size
             window_micro += 1
+            processed += 1
+            t_ready = time.perf_counter()
             if not last_micro:
                 continue
-            step_in_epoch = (i + 1) // acc
-            if self.state.step % interval == 0 or step_in_epoch == steps_per_epoch:
+            step_in_epoch = done + (i + 1) // acc
+            stop = self._stop_requested()
+            if self.state.step % interval == 0 or step_in_epoch == steps_per_epoch or stop:
                 mean_loss = float(distributed.all_reduce_(loss_sum.clone(), "mean")) / window_micro
                 self._check_finite(mean_loss)
-                elapsed = time.perf_counter() - t_window
+                now = time.perf_counter()
+                elapsed = now - t_window
                 scalars = {
                     "loss": mean_loss,
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "img_per_s": seen / max(elapsed, 1e-9),
+                    "data_s": data_time,  # of this window: waiting for batches ...
+                    "compute_s": max(0.0, elapsed - data_time),  # ... and everything else
+                    "peak_mem_gib": peak_memory_gib(self.device),
+                    "eta_s": self._eta(now),
                 }
                 scalars.update({k: float(v) / window_micro for k, v in extra_sums.items()})
                 if extra:
@@ -354,26 +454,63 @@ class Trainer:
                 epoch_sum += loss_sum
                 loss_sum.zero_()
                 extra_sums = {}
-                seen, window_micro, t_window = 0, 0, time.perf_counter()
+                seen, window_micro, data_time = 0, 0, 0.0
+                t_window = t_ready = time.perf_counter()
             else:
                 progress.update(step_in_epoch)
+            if stop:
+                raise _Stop
         progress.close()
         epoch_sum += loss_sum
-        epoch_loss = float(distributed.all_reduce_(epoch_sum, "mean")) / micro_limit
+        epoch_loss = float(distributed.all_reduce_(epoch_sum, "mean")) / max(1, processed)
         self._check_finite(epoch_loss)
+        seconds = time.perf_counter() - t_epoch
+        logger.write(
+            "epoch",
+            self.state.step,
+            self.state.epoch + 1,
+            loss=epoch_loss,
+            seconds=seconds,
+            img_per_s=processed * self.cfg.schedule.batch_size * self.env.world_size / max(seconds, 1e-9),
+            peak_mem_gib=peak_memory_gib(self.device),
+        )
         return epoch_loss
+
+    def _eta(self, now: float) -> float:
+        """Seconds until the last step, from this run's average step time so far."""
+        steps = self.state.step - self._fit_start_step
+        left = self.state.total_steps - self.state.step
+        return (now - self._fit_start_time) / max(1, steps) * left
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._interrupted:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._interrupted = True
+        log.warning("Ctrl-C: stopping after this step and writing a checkpoint (press Ctrl-C again to abort)")
 
     def fit(self) -> TrainResult:
         t0 = time.perf_counter()
         c = self.cfg
+        if self.resumed_from is not None and self.state.epoch >= self.state.epochs:
+            return self._nothing_left(t0)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.cfg_yaml)
-        logger = MetricLogger(self.run_dir, self.is_main, c.log.tensorboard)
+            if self.resumed_from is not None:  # records past the checkpoint's step are logged again
+                dropped = run_dirs.truncate_metrics(self.run_dir, self.state.step)
+                if dropped:
+                    log.info("metrics.jsonl: dropped %d record(s) logged after step %d", dropped, self.state.step)
+        purge = self.state.step + 1 if self.resumed_from is not None else None
+        logger = MetricLogger(self.run_dir, self.is_main, c.log.tensorboard, purge_step=purge)
         progress = Progress(self.is_main, c.log.progress, c.log.interval)
         self._log_start(logger)
         final_loss: float | None = None
         knn_final: dict[str, float] | None = None
+        self._interrupted = False
+        self._fit_start_time, self._fit_start_step = time.perf_counter(), self.state.step
+        handler = None
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             if self.resumed_from is None:
                 self.knn_initial = self.knn()
@@ -383,6 +520,7 @@ class Trainer:
             self.algo.on_train_start(self)
             while self.state.epoch < self.state.epochs:
                 final_loss = self._train_epoch(logger, progress)
+                self._report_unreadable()
                 self.state.epoch += 1
                 log.info("epoch %d/%d done: loss %.4f", self.state.epoch, self.state.epochs, final_loss)
                 interval = c.knn.interval
@@ -395,7 +533,11 @@ class Trainer:
             knn_final = self.knn()
             if knn_final:
                 logger.write("knn", self.state.step, self.state.epoch, **knn_final)
+        except _Stop:
+            raise self._interrupted_at_step() from None
         finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
             progress.close()
             logger.close()
         result = TrainResult(
@@ -411,6 +553,30 @@ class Trainer:
         if self.is_main:
             self._summary(result)
         return result
+
+    def _interrupted_at_step(self) -> TrainingInterrupted:
+        """After a Ctrl-C: a checkpoint of this step (if past the first) and how to resume from it."""
+        if self.state.step == 0:
+            return TrainingInterrupted("interrupted before the first optimizer step; nothing was saved")
+        path = self._save()
+        return TrainingInterrupted(
+            f"interrupted at epoch {self.state.epoch + 1}, step {self.state.step}: saved {path}; continue with: "
+            f"{resume_command(self.run_dir)}"
+        )
+
+    def _nothing_left(self, t0: float) -> TrainResult:
+        path = self.resumed_from
+        log.info(
+            "nothing left to train: %s finished epoch %d of %d (step %d); it is the final checkpoint. "
+            "To train longer, resume it with schedule.epochs=N (N > %d)",
+            path,
+            self.state.epoch,
+            self.state.epochs,
+            self.state.step,
+            self.state.epoch,
+        )
+        seconds = time.perf_counter() - t0
+        return TrainResult(self.run_dir, self.state.epoch, self.state.step, seconds, path, None, self.knn_initial, None)
 
     def _log_start(self, logger: MetricLogger) -> None:
         c = self.cfg
@@ -447,13 +613,22 @@ class Trainer:
 
     def _summary(self, r: TrainResult) -> None:
         epochs = sorted(p.name for p in self.run_dir.glob("epoch_*.pt"))
+        last = r.last_checkpoint
+        linked = next((e for e in epochs if last and (self.run_dir / e).samefile(last)), None) if last else None
+        on_disk = f"{last}" + (f" (= {linked})" if linked else "")
+        if epochs:
+            kept = f"checkpoint.keep={self.cfg.checkpoint.keep}" if self.cfg.checkpoint.keep else "all kept"
+            on_disk += f"; {len(epochs)} epoch checkpoint(s) on disk: {', '.join(epochs)} ({kept})"
         lines = [
             f"finished {type(self.algo).__name__} ({type(self.algo.backbone).__name__}) in {r.seconds:.1f} s: "
             f"{r.epochs} epochs, {r.steps} steps",
             f"  run dir:     {self.run_dir}",
-            f"  checkpoints: {r.last_checkpoint}" + (f" (+ {', '.join(epochs[-3:])})" if epochs else ""),
+            f"  checkpoints: {on_disk}",
             f"  logs:        {self.run_dir / 'train.log'}, {self.run_dir / 'metrics.jsonl'}, {self.run_dir / 'tb'}",
         ]
+        unreadable = self.unreadable_count()
+        if unreadable:
+            lines.append(f"  unreadable images skipped: {unreadable} (named in the warnings above)")
         if r.knn_final is not None:
             k = self.cfg.knn
             before = f"{r.knn_initial['top1']:.4f}" if r.knn_initial else "n/a"
@@ -463,6 +638,31 @@ class Trainer:
             )
         for line in lines:
             log.info(line)
+
+
+class _Stop(Exception):
+    """Raised inside the epoch loop when a Ctrl-C asked the run to stop at this step."""
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: allocated by torch on a CUDA device, resident (RSS) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues this run in ``run_dir`` (this run's own overrides if Hydra ran it)."""
+    overrides: list[str] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            skip = ("resume=", "hydra.run.dir=", "overwrite=")
+            overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(skip)]
+    except Exception:  # noqa: BLE001 - only a hint
+        overrides = []
+    return " ".join(["python -m selfsup.train", *overrides, f"hydra.run.dir={run_dir}", "resume=auto"])
 
 
 def _fmt(result: dict[str, float]) -> str:

@@ -33,6 +33,18 @@ class KNNConfig:
     temperature: float = 0.07
     batch_size: int = 256  # images per feature-extraction batch
 
+    def __post_init__(self) -> None:
+        from selfsup.errors import ConfigError
+
+        if not self.interval >= 0:
+            raise ConfigError(f"knn.interval must be >= 0 (0 = only before and after training), got {self.interval}")
+        if not self.k >= 1:
+            raise ConfigError(f"knn.k must be >= 1, got {self.k}")
+        if not self.temperature > 0:
+            raise ConfigError(f"knn.temperature must be > 0, got {self.temperature}")
+        if not self.batch_size >= 1:
+            raise ConfigError(f"knn.batch_size must be >= 1, got {self.batch_size}")
+
 
 @torch.no_grad()
 def knn_scores(

@@ -28,7 +28,7 @@ from selfsup.config import compose
 
 def benchmark(overrides: list[str], steps: int = 20, warmup: int = 5) -> dict[str, Any]:
     """img/s and peak memory of ``steps`` timed optimizer steps after ``warmup`` untimed ones."""
-    from selfsup.engine.trainer import Trainer
+    from selfsup.engine.trainer import Trainer, peak_memory_gib
 
     cfg = compose(["knn.enabled=false", "log.tensorboard=false", *overrides])
     with tempfile.TemporaryDirectory() as run_dir:
@@ -61,7 +61,7 @@ def benchmark(overrides: list[str], steps: int = 20, warmup: int = 5) -> dict[st
             out, _ = trainer.train_step(batch)
         loss = float(out["loss"].detach())
         seconds = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        peak = peak_memory_gib(device)  # allocated by torch on CUDA, resident (RSS) on the CPU
         return {
             "algo": type(algo).__name__,
             "backbone": getattr(algo.backbone, "arch", type(algo.backbone).__name__),
@@ -82,7 +82,8 @@ def format_result(r: dict) -> str:
     mode = "compiled" if r["compiled"] else "eager"
     return (
         f"{r['algo']} {r['backbone']} {r['size']}px batch {r['batch']} {r['precision']} {mode} on {r['device']}: "
-        f"{r['img_per_s']:,.0f} img/s ({r['step_ms']:.1f} ms/step), peak {r['peak_gib']:.1f} GiB, "
+        f"{r['img_per_s']:,.0f} img/s ({r['step_ms']:.1f} ms/step), "
+        f"peak {r['peak_gib']:.1f} GiB{' RSS' if r['device'] == 'cpu' else ''}, "
         f"warm-up {r['warmup_s']:.0f} s, loss {r['loss']:.4f}"
     )
 

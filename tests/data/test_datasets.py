@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from selfsup.data.datasets import CIFAR10, Digits, FakeImages, ImageFolder, stratified_split
 from selfsup.errors import ConfigError, DataError
@@ -188,12 +190,27 @@ def test_imagefolder_flat_folder_is_unlabelled(cifar_folder, tmp_path):
         for f in sorted((cifar_folder / cls).iterdir())[:5]:
             shutil.copy(f, flat / f"{cls}_{f.name}")
     (flat / "notes.txt").write_text("not an image")
-    ds = ImageFolder(str(flat), image_size=32, val_fraction=0.2)
+    ds = ImageFolder(str(flat), image_size=32)
     assert ds.num_classes == 0 and not ds.has_labels and ds.classes == []
     assert len(ds) == 10
     image, label, index = ds[4]
     assert label == -1 and index == 4 and tuple(image.shape) == (3, 32, 32) and image.dtype == torch.uint8
-    assert len(ImageFolder(str(flat), "val", image_size=32, val_fraction=0.2)) == 0
+    assert len(ImageFolder(str(flat), "val", image_size=32)) == 0
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_imagefolder_val_fraction_on_a_flat_folder_raises(cifar_folder, tmp_path, split):
+    """A held-out part of unlabelled images cannot feed the kNN monitor: say so instead of ignoring it."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted((cifar_folder / CLASSES[0]).iterdir())[:4]:
+        shutil.copy(f, flat / f.name)
+    message = (
+        f"dataset.val_fraction=0.2 needs class folders to hold out a labelled split, but {flat} is a flat folder "
+        "of unlabelled images; set dataset.val_fraction=0 (the kNN monitor is then off)"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message) + "$"):
+        ImageFolder(str(flat), split, val_fraction=0.2)
 
 
 @pytest.mark.parametrize("size", [24, 32, 48])
@@ -239,15 +256,46 @@ def folder_with_corrupt(cifar_folder, tmp_path) -> tuple[Path, Path]:
     return root, bad
 
 
-def test_imagefolder_corrupt_image_skipped_with_warning(folder_with_corrupt, caplog):
+def test_imagefolder_corrupt_image_skipped_and_counted(folder_with_corrupt, caplog):
     root, bad = folder_with_corrupt
     ds = ImageFolder(str(root), image_size=32, on_bad_image="skip")
     pos = [p for p, _ in ds.samples].index(str(bad))
-    with caplog.at_level(logging.WARNING, logger="selfsup.data.datasets"):
+    assert ds.unreadable.dtype == torch.uint8 and tuple(ds.unreadable.shape) == (len(ds),)
+    assert ds.unreadable.is_shared() and ds.unreadable_count() == 0 and ds.new_unreadable() == []
+    with caplog.at_level(logging.DEBUG, logger="selfsup"):
         image, label, index = ds[pos]
-    assert label == ds.samples[pos + 1][1]
-    assert torch.equal(image, ds[pos + 1][0])  # the next readable image
-    assert any(str(bad) in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+        again = ds[pos]
+    assert index == pos and label == ds.samples[pos + 1][1]
+    assert torch.equal(image, ds[pos + 1][0]) and torch.equal(again[0], image)  # the next readable image
+    assert not caplog.records  # no message per item: the trainer reports the totals
+    assert ds.unreadable.tolist() == [int(i == pos) for i in range(len(ds))]
+    assert ds.unreadable_count() == 1  # read twice, counted once
+    assert ds.new_unreadable() == [str(bad)]
+    assert ds.new_unreadable() == []  # reported once
+    assert ds.unreadable_count() == 1
+
+
+def test_imagefolder_unreadable_files_seen_through_loader_workers(cifar_folder, tmp_path):
+    """Workers flag unreadable files in shared memory: the main process gets each path once, and the total."""
+    from torch.utils.data import DataLoader
+
+    root = _copy_tree(cifar_folder, tmp_path / "data", CLASSES[:3], per_class=4)
+    bad = [root / CLASSES[0] / "0000_bad.jpg", root / CLASSES[2] / "0000_bad.png"]
+    bad[0].write_bytes(b"\xff\xd8\xff\xe0 not a jpeg" * 10)
+    bad[1].write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    ds = ImageFolder(str(root), image_size=32)
+    paths = [p for p, _ in ds.samples]
+    bad_pos = [paths.index(str(b)) for b in bad]
+    loader = DataLoader(ds, batch_size=4, num_workers=2, shuffle=False)
+    for epoch in range(2):
+        images, labels, index = (torch.cat(t) for t in zip(*loader))
+        assert index.tolist() == list(range(len(ds)))
+        for pos in bad_pos:  # the substitute: the next (readable) image of the same class
+            assert torch.equal(images[pos], images[pos + 1]) and labels[pos] == labels[pos + 1]
+            assert images[pos].float().std() > 0
+        assert ds.new_unreadable() == ([str(b) for b in bad] if epoch == 0 else [])
+        assert ds.unreadable_count() == 2
+    assert ds.unreadable.nonzero().flatten().tolist() == bad_pos
 
 
 def test_imagefolder_corrupt_image_error(folder_with_corrupt):
@@ -255,9 +303,10 @@ def test_imagefolder_corrupt_image_error(folder_with_corrupt):
     ds = ImageFolder(str(root), image_size=32, on_bad_image="error")
     pos = [p for p, _ in ds.samples].index(str(bad))
     assert ds[pos + 1][2] == pos + 1  # readable images still load
-    with pytest.raises(DataError, match="cannot read image") as e:
+    with pytest.raises(DataError, match="cannot read image .*; remove it or set dataset.on_bad_image=skip") as e:
         ds[pos]
     assert str(bad) in str(e.value)
+    assert ds.unreadable_count() == 1
 
 
 def test_imagefolder_skipped_image_still_fills_its_feature_row(folder_with_corrupt):
@@ -276,8 +325,129 @@ def test_imagefolder_all_unreadable(tmp_path):
     for i in range(3):
         (tmp_path / "a" / f"{i}.png").write_bytes(b"junk")
     ds = ImageFolder(str(tmp_path), image_size=32)
-    with pytest.raises(DataError, match="unreadable"):
+    with pytest.raises(DataError, match="consecutive unreadable images"):
         ds[0]
+    assert ds.unreadable_count() == 3 and sorted(ds.new_unreadable()) == sorted(p for p, _ in ds.samples)
+
+
+# ------------------------------------------------------------------------------------ ImageFolder: folder layout
+
+
+def _make_images(folder: Path, n: int, ext: str = ".png") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((4, 4, 3), 37 * i % 256, np.uint8)).save(folder / f"{i:02d}{ext}")
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == "selfsup"]
+
+
+def test_scan_ignores_hidden_folders_and_files_silently(tmp_path, caplog):
+    _make_images(tmp_path / "b", 2)
+    _make_images(tmp_path / "a", 3)
+    _make_images(tmp_path / ".ipynb_checkpoints", 2)  # not a class
+    _make_images(tmp_path / "a" / ".thumbs", 2)  # not images of class a
+    (tmp_path / "a" / "._00.png").write_bytes(b"macOS resource fork")  # an AppleDouble file, not an image
+    (tmp_path / "b" / "labels.csv").write_text("x,y\n")  # non-image files: ignored
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        ds = ImageFolder(str(tmp_path))
+    assert ds.classes == ["a", "b"] and len(ds) == 5
+    relative = [(Path(p).relative_to(tmp_path).as_posix(), y) for p, y in ds.samples]
+    assert relative == [("a/00.png", 0), ("a/01.png", 0), ("a/02.png", 0), ("b/00.png", 1), ("b/01.png", 1)]
+    assert _warnings(caplog) == []
+
+
+def test_scan_finds_images_in_nested_class_sub_folders(tmp_path):
+    _make_images(tmp_path / "a" / "2024", 2, ".JPG")
+    _make_images(tmp_path / "b", 1)
+    ds = ImageFolder(str(tmp_path))
+    assert ds.classes == ["a", "b"] and [y for _, y in ds.samples] == [0, 0, 1]
+
+
+def test_scan_warns_once_about_empty_class_folders(tmp_path, caplog):
+    _make_images(tmp_path / "cat", 2)
+    _make_images(tmp_path / "dog", 2)
+    (tmp_path / "emu").mkdir()
+    (tmp_path / "yak").mkdir()
+    (tmp_path / "yak" / "notes.txt").write_text("no images here")
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        ds = ImageFolder(str(tmp_path))
+    assert ds.classes == ["cat", "dog"] and ds.num_classes == 2 and len(ds) == 4
+    assert _warnings(caplog) == [
+        f"ignoring 2 sub-folders of {tmp_path} that hold no images and are not classes: emu, yak"
+    ]
+
+
+def test_scan_warns_once_about_images_next_to_class_folders(tmp_path, caplog):
+    _make_images(tmp_path / "cat", 2)
+    _make_images(tmp_path / "dog", 2)
+    _make_images(tmp_path, 3, ".jpg")  # stray images at the top level
+    (tmp_path / "README.md").write_text("not an image: ignored silently")
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        train = ImageFolder(str(tmp_path), "train", val_fraction=0.5)
+    assert train.classes == ["cat", "dog"] and all(Path(p).parent != tmp_path for p, _ in train.samples)
+    assert _warnings(caplog) == [
+        f"ignoring 3 image files at the top level of {tmp_path}, next to its class folders (e.g. 00.jpg); "
+        "move them into a class folder to use them"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        ImageFolder(str(tmp_path), "val", val_fraction=0.5)  # the other split: its own report, once
+    assert len(_warnings(caplog)) == 1
+
+
+def test_scan_names_at_most_five_empty_folders(tmp_path, caplog):
+    _make_images(tmp_path / "zz", 1)
+    for i in range(7):
+        (tmp_path / f"empty{i}").mkdir()
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        ImageFolder(str(tmp_path))
+    (message,) = _warnings(caplog)
+    assert message.startswith(f"ignoring 7 sub-folders of {tmp_path} that hold no images")
+    assert message.endswith("empty0, empty1, empty2, empty3, empty4 and 2 more")
+
+
+def test_scan_flat_folder_with_an_empty_sub_folder(tmp_path, caplog):
+    _make_images(tmp_path, 3)
+    (tmp_path / "empty").mkdir()
+    with caplog.at_level(logging.WARNING, logger="selfsup"):
+        ds = ImageFolder(str(tmp_path))
+    assert ds.classes == [] and len(ds) == 3 and [y for _, y in ds.samples] == [-1] * 3
+    assert _warnings(caplog) == [f"ignoring 1 sub-folder of {tmp_path} that holds no images and is not a class: empty"]
+
+
+def test_scan_returns_samples_and_classes(tmp_path):
+    _make_images(tmp_path / "a", 1)
+    samples, classes = ImageFolder.scan(str(tmp_path))
+    assert classes == ["a"] and samples == [(str(tmp_path / "a" / "00.png"), 0)]
+
+
+# ------------------------------------------------------------------------------------ ImageFolder: held-out split
+
+
+def test_imagefolder_single_image_class_with_val_fraction_raises(tmp_path):
+    _make_images(tmp_path / "cat", 5)
+    _make_images(tmp_path / "dog", 1)
+    message = (
+        f"dataset.val_fraction=0.2 holds out part of every class, but 1 class folder of {tmp_path} holds a "
+        "single image (dog); add images to it, remove it, or set dataset.val_fraction=0 (the kNN monitor is then off)"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message) + "$"):
+        ImageFolder(str(tmp_path), "train", val_fraction=0.2)
+    assert len(ImageFolder(str(tmp_path), "train", val_fraction=0.0)) == 6  # without a held-out split: fine
+
+
+def test_imagefolder_single_image_classes_named_up_to_three(tmp_path):
+    _make_images(tmp_path / "big", 20)
+    for name in ("e", "d", "c", "b", "a"):
+        _make_images(tmp_path / name, 1)
+    message = (
+        f"5 class folders of {tmp_path} hold a single image (a, b, c and 2 more); "
+        "add images to them, remove them, or set dataset.val_fraction=0"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ImageFolder(str(tmp_path), "val", val_fraction=0.5)
 
 
 # ------------------------------------------------------------------------------------ CIFAR10
@@ -290,10 +460,28 @@ def test_cifar10_missing_root_raises_without_downloading(tmp_path, monkeypatch):
         raise AssertionError("CIFAR10 must not download without dataset.download=true")
 
     monkeypatch.setattr(TVCIFAR10, "download", no_download)
-    with pytest.raises(DataError, match="dataset.download") as e:
-        CIFAR10(str(tmp_path))
-    assert "cifar-10-batches-py" in str(e.value)
+    root = str(tmp_path)
+    message = (
+        f"dataset.root={root} holds no CIFAR-10 (expected {root}/cifar-10-batches-py); point dataset.root at the "
+        "folder that contains cifar-10-batches-py, or add dataset.download=true"
+    )
+    with pytest.raises(DataError, match=re.escape(message)) as e:
+        CIFAR10(root)
+    assert str(e.value) == message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cifar10_incomplete_folder(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"partial download")
+    root = str(tmp_path)
+    message = (
+        f"dataset.root={root} holds an incomplete or corrupted CIFAR-10 in {root}/cifar-10-batches-py; "
+        "delete that folder and add dataset.download=true, or point dataset.root at a complete copy"
+    )
+    with pytest.raises(DataError, match=re.escape(message)) as e:
+        CIFAR10(root)
+    assert str(e.value) == message
 
 
 def test_cifar10_bad_val_split(tmp_path):

@@ -66,7 +66,7 @@ def test_train_on_flat_folder_is_unlabelled(cifar_folder, tmp_path):
     for cls in sorted(cifar_folder.iterdir())[:4]:
         for f in sorted(cls.iterdir())[:8]:
             shutil.copy(f, flat / f"{cls.name}_{f.name}")
-    result = run_training(_imagefolder(flat, "dataset.val_fraction=0.2"), tmp_path / "run")
+    result = run_training(_imagefolder(flat, "dataset.val_fraction=0"), tmp_path / "run")
     assert result.steps == 32 // 16 and (tmp_path / "run" / "last.pt").is_file()
     assert result.knn_initial is None and result.knn_final is None
 

@@ -173,6 +173,20 @@ def test_build_unknown_optimizer():
         build_optimizer(Toy(), opt_cfg(name="rmsprop"), lr=0.1)
 
 
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"momentum": 1.5}, r"algo.optimizer.momentum must be in \[0, 1\], got 1.5"),
+        ({"betas": [0.9, 1.2]}, r"algo.optimizer.betas must be two numbers in \[0, 1\)"),
+        ({"paramwise": {"head": {"lr_mult": -1}}}, r"paramwise.<name>.lr_mult must be >= 0 .*, got -1"),
+    ],
+)
+def test_a_plain_dict_config_is_validated_too(kw, match):
+    """``build_optimizer`` / ``param_groups`` also take ``algo.optimizer`` as a dict: same checks."""
+    with pytest.raises(ConfigError, match=match):
+        build_optimizer(Toy(), opt_cfg(**kw), lr=0.1)
+
+
 def test_built_sgd_takes_a_step():
     torch.manual_seed(0)
     model = Toy()

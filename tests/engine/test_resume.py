@@ -9,7 +9,7 @@ import torch
 from conftest import ALGOS, compose_cfg, run_training, tiny
 from selfsup.engine import checkpoint as ckpt_io
 from selfsup.engine.trainer import Trainer
-from selfsup.errors import CheckpointError, TrainingDiverged
+from selfsup.errors import CheckpointError, ConfigError, TrainingDiverged
 
 
 class Interrupted(Exception):
@@ -109,12 +109,18 @@ def test_resume_from_missing_path_fails_clearly(tmp_path):
 
 def test_resume_into_another_architecture_lists_the_keys(tmp_path):
     run_training(tiny("simclr") + ["knn.enabled=false"], tmp_path / "a")
+    ckpt = tmp_path / "a" / "last.pt"
+    # the resume rule first: another algorithm is a changed setting, listed (classes first)
+    with pytest.raises(ConfigError, match=r"was trained with other settings \(algo.model._target_: selfsup") as e:
+        Trainer(compose_cfg(tiny("odc") + [f"resume={ckpt}"]), tmp_path / "b")
+    assert "resume_force=true" in str(e.value)
+    # forced, the weights still have to fit: every mismatch is listed
     with pytest.raises(CheckpointError, match="another architecture") as e:
-        Trainer(compose_cfg(tiny("odc") + [f"resume={tmp_path / 'a' / 'last.pt'}"]), tmp_path / "b")
+        Trainer(compose_cfg(tiny("odc") + [f"resume={ckpt}", "resume_force=true"]), tmp_path / "b")
     assert "missing keys: " in str(e.value) and "unexpected keys: " in str(e.value)
     with pytest.raises(CheckpointError, match="shape mismatches"):
         Trainer(
-            compose_cfg(tiny("simclr") + ["algo.model.out_dim=16", f"resume={tmp_path / 'a' / 'last.pt'}"]),
+            compose_cfg(tiny("simclr") + ["algo.model.out_dim=16", f"resume={ckpt}", "resume_force=true"]),
             tmp_path / "c",
         )
 
