@@ -155,6 +155,33 @@ MUTANTS = [
         ("tests/algorithms/test_training.py::test_odc_relabelling_under_bf16_autocast_matches_fp32",),
     ),
     Mutant(
+        "resume-keeps-the-checkpoints-lr",
+        "selfsup/engine/trainer.py",
+        (("            group.update(values)\n", "            pass\n"),),
+        (
+            "tests/engine/test_run_dirs.py::"
+            "test_resume_refuses_changed_settings_unless_forced_and_uses_the_lr_it_prints",
+        ),
+    ),
+    Mutant(
+        "run-dir-with-a-run-not-refused",
+        "selfsup/engine/run_dir.py",
+        (("refuse, clean = not continues and not overwrite,", "refuse, clean = False,"),),
+        ("tests/engine/test_run_dirs.py::test_a_directory_that_holds_a_run_is_refused",),
+    ),
+    Mutant(
+        "resumed-metrics-not-truncated",
+        "selfsup/engine/run_dir.py",
+        (("    if dropped:\n        tmp =", "    if False:\n        tmp ="),),
+        ("tests/engine/test_run_dirs.py::test_resume_auto_drops_records_past_the_checkpoint_and_stale_temporaries",),
+    ),
+    Mutant(
+        "mid-epoch-resume-restarts-the-epoch",
+        "selfsup/engine/trainer.py",
+        (("self._loader(self.state.epoch, done * acc)", "self._loader(self.state.epoch, 0)"),),
+        ("tests/engine/test_run_dirs.py::test_ctrl_c_stops_at_a_step_boundary_and_the_run_resumes_step_exactly",),
+    ),
+    Mutant(
         "ntxent-local-negatives-only",
         "selfsup/losses/ntxent.py",
         (("            if self.gather_distributed:", "            if False:"),),

@@ -70,35 +70,21 @@ def test_a_directory_that_holds_a_run_is_refused(tmp_path):
 
 
 def test_resume_refuses_changed_settings_unless_forced_and_uses_the_lr_it_prints(tmp_path):
-    run_training(QUICK + ["schedule.epochs=2", "schedule.policy=constant"], tmp_path / "a")
+    base = QUICK + ["schedule.epochs=2", "schedule.policy=constant"]
+    run_training(base, tmp_path / "a")
     ckpt = tmp_path / "a" / "epoch_0001.pt"
-    with pytest.raises(ConfigError, match=r"was trained with other settings \(algo.optimizer.lr: 0.3 -> 3.0\)"):
-        Trainer(
-            compose_cfg(
-                QUICK + ["schedule.epochs=2", "schedule.policy=constant", "algo.optimizer.lr=3.0", f"resume={ckpt}"]
-            ),
-            tmp_path / "b",
-        )
-    trainer = Trainer(
-        compose_cfg(
-            QUICK
-            + [
-                "schedule.epochs=2",
-                "schedule.policy=constant",
-                "algo.optimizer.lr=3.0",
-                f"resume={ckpt}",
-                "resume_force=true",
-            ]
-        ),
-        tmp_path / "b",
-    )
-    # the lr is the new one, scaled for this run's batch (3.0 x 16 / 256), and the log says so
+    changed = ["algo.optimizer.lr=3.0", "algo.optimizer.weight_decay=0.05"]
+    with pytest.raises(ConfigError, match=r"was trained with other settings \(algo.optimizer.lr: 0.3 -> 3.0; algo"):
+        Trainer(compose_cfg(base + changed + [f"resume={ckpt}"]), tmp_path / "b")
+    trainer = Trainer(compose_cfg(base + changed + [f"resume={ckpt}", "resume_force=true"]), tmp_path / "b")
+    # the lr is the new one, scaled for this run's batch (3.0 x 16 / 256), and so is the weight decay
     assert trainer.lr == pytest.approx(3.0 * 16 / 256)
-    assert all(g["lr"] == pytest.approx(trainer.lr) for g in trainer.optimizer.param_groups)
     seen = []
-    trainer.optimizer.register_step_pre_hook(lambda opt, a, k: seen.append(opt.param_groups[0]["lr"]))
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, a, k: seen.append((opt.param_groups[0]["lr"], max(g["weight_decay"] for g in opt.param_groups)))
+    )
     trainer.fit()
-    assert seen and all(lr == pytest.approx(3.0 * 16 / 256) for lr in seen)
+    assert len(seen) == 4 and all(lr == pytest.approx(3.0 * 16 / 256) and wd == 0.05 for lr, wd in seen), seen
 
 
 def test_extending_the_schedule_re_plans_the_remaining_steps(tmp_path):
