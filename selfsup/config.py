@@ -105,8 +105,6 @@ def _field_default(value: Any) -> Any:
     if isinstance(value, (list, tuple, dict)) or dataclasses.is_dataclass(value):
         snapshot: Any = list(value) if isinstance(value, tuple) else value
         return field(default_factory=lambda: copy.deepcopy(snapshot))
-    if isinstance(value, Enum):
-        return field(default=value)
     return field(default=value)
 
 

@@ -69,9 +69,7 @@ class SeededViews(MultiViewDataset):
 def resolve_workers(workers: int | None, device: torch.device) -> int:
     """Loader processes per rank: as configured, or 0 on the CPU (the CPU is busy computing) and
     min(8, cores per local process - 1) on a GPU."""
-    if workers is not None:
-        if workers < 0:
-            raise ConfigError(f"loader.num_workers must be >= 0 or null (auto), got {workers}")
+    if workers is not None:  # >= 0: LoaderConfig
         return int(workers)
     if device.type == "cpu":
         return 0

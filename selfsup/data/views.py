@@ -52,6 +52,8 @@ class MaskConfig:
     mask_patch_size: int = 32  # simmim: side of a mask patch, in pixels
 
     def __post_init__(self) -> None:
+        if self.kind not in ("none", "block", "simmim"):
+            raise ConfigError(f"algo.views[].mask.kind={self.kind!r} must be none, block or simmim")
         for key in ("patch_size", "min_block", "mask_patch_size"):
             value = getattr(self, key)
             if not value >= 1:
@@ -146,6 +148,27 @@ class ViewConfig:
             raise bad("blur_kernel", "in (0, 1] (a fraction of the view size)", self.blur_kernel)
         if self.second_size is not None and not self.second_size >= 1:
             raise bad("second_size", ">= 1", self.second_size)
+        if self.interpolation not in _INTERPOLATION:
+            raise ConfigError(f"algo.views[].interpolation={self.interpolation!r} must be bilinear or bicubic")
+        used = {"second_size": self.second_size, "rotations": self.rotations, "grid": self.grid.cells}
+        extras = [name for name, on in used.items() if on]
+        if len(extras) > 1:
+            raise ConfigError(f"algo.views[] combines {' and '.join(extras)}; a view can use only one of them")
+        if any(r % 90 for r in self.rotations):
+            raise ConfigError(f"algo.views[].rotations={list(self.rotations)} must be multiples of 90 degrees")
+        if self.size == MISSING:
+            return  # the checks below need the view's size
+        cell = self.size // max(1, self.grid.cells)
+        if self.grid.cells and self.grid.patch_size > cell:
+            raise ConfigError(
+                f"algo.views[].grid: {self.grid.cells} x {self.grid.cells} cells of a {self.size} px view are "
+                f"{cell} px wide, too small for patch_size={self.grid.patch_size}; lower grid.patch_size or raise "
+                "the view size"
+            )
+        if self.mask.kind == "block" and self.size % self.mask.patch_size:
+            raise ConfigError(
+                f"algo.views[].mask.patch_size={self.mask.patch_size} does not divide the view size {self.size}"
+            )
 
 
 def as_view_config(spec: ViewConfig | Mapping[str, Any]) -> ViewConfig:
@@ -173,10 +196,8 @@ def _prob(spec: ViewConfig, key: str) -> float:
 
 def build_view_transform(spec: ViewConfig | Mapping[str, Any]) -> Callable[[Tensor], Tensor]:
     """uint8 [3, H, W] -> uint8 [3, size, size]: crop, affine, flip, jitter, grey, blur, solarize."""
-    spec = as_view_config(spec)
+    spec = as_view_config(spec)  # validated by ViewConfig.__post_init__
     size = int(spec.size)
-    if spec.interpolation not in _INTERPOLATION:
-        raise ConfigError(f"algo.views[].interpolation={spec.interpolation!r} must be bilinear or bicubic")
     ops: list[Callable] = [
         v2.RandomResizedCrop(
             size,
@@ -189,17 +210,17 @@ def build_view_transform(spec: ViewConfig | Mapping[str, Any]) -> Callable[[Tens
     if spec.rotation or spec.translate:
         t = float(spec.translate)
         ops.append(v2.RandomAffine(degrees=float(spec.rotation), translate=(t, t) if t else None))
-    if _prob(spec, "hflip") > 0:
+    if spec.hflip > 0:
         ops.append(v2.RandomHorizontalFlip(spec.hflip))
-    if _prob(spec, "color_jitter") > 0:
+    if spec.color_jitter > 0:
         jitter = v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)
         ops.append(v2.RandomApply([jitter], p=spec.color_jitter))
-    if _prob(spec, "grayscale") > 0:
+    if spec.grayscale > 0:
         ops.append(v2.RandomGrayscale(spec.grayscale))
-    if _prob(spec, "blur") > 0:
+    if spec.blur > 0:
         k = max(3, int(round(spec.blur_kernel * size)) // 2 * 2 + 1)
         ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=tuple(spec.blur_sigma))], p=spec.blur))
-    if _prob(spec, "solarize") > 0:
+    if spec.solarize > 0:
         ops.append(v2.RandomSolarize(threshold=128, p=spec.solarize))
     return v2.Compose(ops)
 
@@ -208,8 +229,6 @@ def expand_views(specs: Sequence[ViewConfig | Mapping[str, Any]]) -> list[ViewCo
     """One entry per pipeline run (a spec with ``copies: 2`` gives two)."""
     out: list[ViewConfig] = []
     for spec in map(as_view_config, specs):
-        if int(spec.copies) < 1:
-            raise ConfigError(f"algo.views[].copies must be >= 1, got {spec.copies}")
         out.extend([spec] * int(spec.copies))
     return out
 
@@ -228,53 +247,31 @@ def _mask_generator(spec: ViewConfig) -> Callable[[], Tensor] | None:
     from selfsup.models.masking import BlockwiseMaskGenerator, SimMIMMaskGenerator
 
     m = spec.mask
-    if m.kind == "none":
-        return None
     if m.kind == "block":
-        if spec.size % m.patch_size:
-            raise ConfigError(f"algo.views[].mask.patch_size={m.patch_size} does not divide the view size {spec.size}")
         grid = spec.size // m.patch_size
         return BlockwiseMaskGenerator(grid, m.num_patches, m.min_block, m.max_block, m.min_aspect)
     if m.kind == "simmim":
         return SimMIMMaskGenerator(spec.size, m.mask_patch_size, m.patch_size, m.ratio)
-    raise ConfigError(f"algo.views[].mask.kind={m.kind!r} must be none, block or simmim")
+    return None
 
 
-def _grid_cells(grid: GridConfig, size: int) -> int:
-    cell = size // max(1, grid.cells)
-    if grid.cells < 0 or grid.patch_size < 1 or grid.patch_size > cell:
-        raise ConfigError(
-            f"algo.views[].grid: {grid.cells} x {grid.cells} cells of a {size} px view are {cell} px wide, "
-            f"too small for patch_size={grid.patch_size}; lower grid.patch_size or raise the view size"
-        )
-    return grid.cells * grid.cells
-
-
-def outputs_per_run(spec: ViewConfig) -> int:
-    """How many images one run of ``spec`` emits."""
+def _run_sizes(spec: ViewConfig) -> list[int]:
+    """The side of each image one run of ``spec`` emits, in order."""
     if spec.grid.cells:
-        return _grid_cells(spec.grid, spec.size)
+        return [spec.grid.patch_size] * spec.grid.cells**2
     if spec.rotations:
-        return len(spec.rotations)
-    return 1 + (spec.second_size is not None)
+        return [spec.size] * len(spec.rotations)
+    return [spec.size] + ([spec.second_size] if spec.second_size else [])
 
 
 def count_views(specs: Sequence[ViewConfig | Mapping[str, Any]]) -> int:
     """The number of views an algorithm receives per image."""
-    return sum(outputs_per_run(spec) for spec in expand_views(specs))
+    return len(view_sizes(specs))
 
 
 def view_sizes(specs: Sequence[ViewConfig | Mapping[str, Any]]) -> list[int]:
     """The side of every view, in the order the algorithm receives them."""
-    sizes: list[int] = []
-    for spec in expand_views(specs):
-        if spec.grid.cells:
-            sizes += [spec.grid.patch_size] * outputs_per_run(spec)
-        elif spec.rotations:
-            sizes += [spec.size] * len(spec.rotations)
-        else:
-            sizes += [spec.size] + ([spec.second_size] if spec.second_size else [])
-    return sizes
+    return [size for spec in expand_views(specs) for size in _run_sizes(spec)]
 
 
 class ViewPipeline:
@@ -283,24 +280,9 @@ class ViewPipeline:
     mask. All randomness comes from torch's RNG, which the loader seeds per (seed, epoch, image)."""
 
     def __init__(self, spec: ViewConfig | Mapping[str, Any]) -> None:
-        self.spec = spec = as_view_config(spec)
+        self.spec = spec = as_view_config(spec)  # validated by ViewConfig.__post_init__
         self.base = build_view_transform(spec)
-        extras = [
-            name
-            for name, on in (
-                ("second_size", spec.second_size),
-                ("rotations", spec.rotations),
-                ("grid", spec.grid.cells),
-            )
-            if on
-        ]
-        if len(extras) > 1:
-            raise ConfigError(f"algo.views[] combines {' and '.join(extras)}; a view can use only one of them")
-        if any(r % 90 for r in spec.rotations):
-            raise ConfigError(f"algo.views[].rotations={list(spec.rotations)} must be multiples of 90 degrees")
-        if spec.second_size is not None and spec.second_size < 1:
-            raise ConfigError(f"algo.views[].second_size must be >= 1, got {spec.second_size}")
-        self.num_outputs = outputs_per_run(spec)
+        self.num_outputs = len(_run_sizes(spec))
         self.mask = _mask_generator(spec)
         self.second = (
             v2.Resize(

@@ -17,7 +17,7 @@ from torch import nn
 from selfsup.algorithms.base import Algorithm
 from selfsup.config import TrainConfig, to_plain
 from selfsup.data.datasets import ImageDataset
-from selfsup.data.views import ViewPipeline, count_views
+from selfsup.data.views import ViewPipeline, count_views, expand_views
 from selfsup.errors import ConfigError, SelfsupError
 
 
@@ -60,6 +60,4 @@ def build_algorithm(cfg: TrainConfig, num_samples: int) -> Algorithm:
 def view_pipelines(cfg: TrainConfig) -> list[ViewPipeline]:
     """One :class:`ViewPipeline` per run of a declared view (``copies`` each), in the order the algorithm
     receives their outputs."""
-    from selfsup.data.views import expand_views
-
     return [ViewPipeline(spec) for spec in expand_views(cfg.algo.views)]

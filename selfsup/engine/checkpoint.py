@@ -114,8 +114,9 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint on the CPU with ``weights_only=True`` (no code in a file we are given runs).
+def load(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint on the CPU with ``weights_only=True`` (no code in a file we are given runs);
+    ``mmap=True`` maps the tensors instead of reading them (to look at a large file's entries).
 
     Each way a path can be wrong is one :class:`CheckpointError` line saying what the path is: missing,
     a folder, not a torch file, a torch file of pickled Python objects, a damaged torch file, or one
@@ -154,7 +155,7 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{damaged} (an interrupted copy?); use another checkpoint of that run")
         elif not legacy:
             raise CheckpointError(not_torch + (": the file is empty" if not head else "") + use)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and not legacy)
     except OSError as e:  # unreadable: permissions, I/O error
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     except CheckpointError:

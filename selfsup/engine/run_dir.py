@@ -64,7 +64,7 @@ def _describe(run_dir: Path) -> str:
         try:
             from selfsup.engine import checkpoint as ckpt_io
 
-            state = ckpt_io.load(last)
+            state = ckpt_io.load(last, mmap=True)  # only its epoch and step: ODC's can hold 1.3 GB
             return f"last.pt at epoch {state['epoch']}, step {state['step']}"
         except Exception:  # noqa: BLE001 - only a description
             return "last.pt"

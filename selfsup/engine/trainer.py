@@ -127,9 +127,7 @@ class Trainer:
         self.num_workers = resolve_workers(c.loader.num_workers, self.device)
 
         # ---- optimisation
-        ws, bs, acc = self.env.world_size, c.schedule.batch_size, c.schedule.accumulate
-        if bs < 1 or acc < 1:
-            raise ConfigError("schedule.batch_size and schedule.accumulate must be >= 1")
+        ws, bs, acc = self.env.world_size, c.schedule.batch_size, c.schedule.accumulate  # >= 1: ScheduleConfig
         self.global_batch = bs * ws * acc
         opt = c.algo.optimizer
         self.base_lr = float(opt.lr)
@@ -391,10 +389,14 @@ class Trainer:
         self.state.step += 1
         return out, self.algo.after_step(self.state)
 
-    def _stop_requested(self) -> bool:
-        """Whether a Ctrl-C asked to stop, agreed by all ranks (they stop at the same step)."""
+    def _stop_requested(self, at_log_step: bool) -> bool:
+        """Whether a Ctrl-C asked to stop. One process: after any step. Several: the ranks agree (one
+        all-reduce, which waits for the device) only at log steps, where the loss is all-reduced anyway,
+        so that no step of the hot path pays a host synchronisation."""
         if self.env.world_size == 1:
             return self._interrupted
+        if not at_log_step:
+            return False
         flag = torch.tensor(float(self._interrupted), device=self.device)
         return bool(distributed.all_reduce_(flag) > 0)
 
@@ -431,8 +433,9 @@ class Trainer:
             if not last_micro:
                 continue
             step_in_epoch = done + (i + 1) // acc
-            stop = self._stop_requested()
-            if self.state.step % interval == 0 or step_in_epoch == steps_per_epoch or stop:
+            at_log_step = self.state.step % interval == 0 or step_in_epoch == steps_per_epoch
+            stop = self._stop_requested(at_log_step)
+            if at_log_step or stop:
                 mean_loss = float(distributed.all_reduce_(loss_sum.clone(), "mean")) / window_micro
                 self._check_finite(mean_loss)
                 now = time.perf_counter()

@@ -250,3 +250,47 @@ def test_ctrl_c_on_the_command_line(tmp_path):
     assert len(message) == 1 and "resume=auto" in message[0] and f"hydra.run.dir={tmp_path}" in message[0]
     ckpt = ckpt_io.load(tmp_path / "last.pt")
     assert ckpt["step"] >= 2 and f"saved {tmp_path / 'last.pt'}" in message[0]
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+    trainer = Trainer(compose_cfg(QUICK), tmp_path)
+    trainer._on_sigint(signal.SIGINT, None)
+    assert trainer._interrupted and trainer._stop_requested(at_log_step=False)  # one process: any step
+    with pytest.raises(KeyboardInterrupt):
+        trainer._on_sigint(signal.SIGINT, None)
+
+
+def test_the_resume_rule_sorts_every_change():
+    from selfsup.engine.resume import changes, classify
+
+    old = {
+        "device": "cpu",
+        "schedule": {"epochs": 7, "batch_size": 16},
+        "dataset": {"root": "/a", "image_size": 32},
+        "knn": {"k": 20},
+        "algo": {"optimizer": {"lr": 0.3}},
+    }
+    new = {
+        "device": "cuda",
+        "schedule": {"epochs": 9, "batch_size": 16},
+        "dataset": {"root": "/b", "image_size": 64},
+        "knn": {"k": 10},
+        "algo": {"optimizer": {"lr": 0.6}},
+    }
+    replanned, warned, refused = classify(changes(old, new))
+    assert replanned == {"schedule.epochs": (7, 9)}
+    assert warned == {"dataset.root": ("/a", "/b")}
+    assert refused == {"algo.optimizer.lr": (0.3, 0.6), "dataset.image_size": (32, 64)}  # device, knn: free
+
+
+def test_resumed_tensorboard_has_each_step_once(tmp_path):
+    """Resuming from epoch 1's checkpoint in the same dir: the events logged after it (steps 5-8) are purged
+    from TensorBoard and logged again, so each step has one loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = QUICK + ["schedule.epochs=2", "log.tensorboard=true"]
+    run_training(overrides, tmp_path)
+    run_training(overrides + [f"resume={tmp_path / 'epoch_0001.pt'}"], tmp_path)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
