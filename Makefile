@@ -4,9 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+# the one-node SLURM cluster on localhost that tests/launch/test_slurm.py submits to (scripts: ../shared/slurm)
+SLURM_SCRIPTS ?= ../shared/slurm
+SLURM_UP_CPUS ?= 4
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast mutants lint format bench-cpu clean
+.PHONY: help install train test test-fast mutants lint format bench-cpu slurm-up slurm-down clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,7 +26,7 @@ install: $(STAMP) ## create .venv and install selfsup with the dev extras (pip i
 train: $(STAMP) ## default pretraining (SimCLR, ResNet-18, digits, CPU minute); extra overrides: make train ARGS="algo=odc"
 	$(BIN)/python -m selfsup.train $(ARGS)
 
-test: $(STAMP) ## the whole test suite (CPU; about 3.5 min on 2 cores)
+test: $(STAMP) ## the whole test suite (CPU; about 15 min on 2 cores with the SLURM cluster up, see make slurm-up)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP) ## the quick subset: pytest -m "not slow"
@@ -42,6 +46,12 @@ format: $(STAMP) ## ruff autofix + format
 
 bench-cpu: $(STAMP) ## training-step throughput of the default model on this CPU
 	$(BIN)/python -m selfsup.tools.benchmark_step --steps 10 --warmup 3 -- device=cpu $(ARGS)
+
+slurm-up: ## start a one-node SLURM cluster on localhost (as root; 4 CPUs: two 2-task jobs at once) for the SLURM tests
+	$(SUDO) env SLURM_UP_CPUS=$(SLURM_UP_CPUS) bash $(SLURM_SCRIPTS)/slurm-up.sh
+
+slurm-down: ## stop that cluster (cancels its jobs)
+	$(SUDO) bash $(SLURM_SCRIPTS)/slurm-down.sh
 
 clean: ## remove run outputs (outputs/, multirun/) and caches; keeps .venv
 	rm -rf outputs multirun .pytest_cache .ruff_cache

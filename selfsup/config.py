@@ -25,7 +25,7 @@ config as these typed objects (:func:`typed`). Layout of a composed run config::
     backbone:  ``_target_`` = a ResNet or ViT class and its shape
     dataset:   ``_target_`` = a dataset class, resolution, normalisation, held-out split
     schedule:  epochs, per-device batch, accumulation, LR policy (warm-up, cosine / step), LR scaling
-    launcher:  how processes are started (``local`` only for now)
+    launcher:  how processes are started: local | torchrun | slurm | submitit_local (``launch/config.py``)
     (top level) device, precision, seed, resume, checkpoint, logging, kNN monitor, ...
 """
 
@@ -52,10 +52,11 @@ from selfsup.distributed import DistConfig
 from selfsup.engine.checkpoint import CheckpointConfig
 from selfsup.engine.logger import LogConfig
 from selfsup.engine.optim import OptimizerConfig
-from selfsup.engine.run_dir import run_id
+from selfsup.engine.run_dir import member_dir, run_id
 from selfsup.engine.schedules import ScheduleConfig
 from selfsup.errors import ConfigError
 from selfsup.eval.knn import KNNConfig
+from selfsup.launch.config import LauncherConfig, SlurmConfig, SubmititConfig, TorchrunConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 CONFIG_NAME = "train"
@@ -154,11 +155,6 @@ class AlgoConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 
-@dataclass
-class LauncherConfig:
-    name: str = "local"
-
-
 class Precision(str, Enum):
     auto = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     fp32 = "fp32"
@@ -237,12 +233,25 @@ def register_schemas(config_dir: Path = CONFIG_DIR) -> None:
         for yaml_file in sorted((config_dir / group).glob("*.yaml")):
             cs.store(group=f"schema/{group}", name=yaml_file.stem, node=group_schema(group, target_of(yaml_file, sub)))
     cs.store(group="schema/schedule", name="base", node=ScheduleConfig)
-    cs.store(group="schema/launcher", name="base", node=LauncherConfig)
+    cs.store(group="schema/launcher", name="local", node=LauncherConfig)
+    cs.store(group="schema/launcher", name="torchrun", node=TorchrunConfig)
+    cs.store(group="schema/launcher", name="slurm", node=SlurmConfig)
+    cs.store(group="schema/launcher", name="submitit_local", node=SubmititConfig)
+    # the Hydra launchers behind launcher=slurm / submitit_local (hydra_plugins.selfsup_launcher); every
+    # job setting is read from the typed ``launcher`` node
+    for name, cls in (("selfsup_slurm", "SelfsupSlurmLauncher"), ("selfsup_submitit_local", "SelfsupLocalLauncher")):
+        node = {
+            "_target_": f"hydra_plugins.selfsup_launcher.{cls}",
+            "submitit_folder": "${hydra.sweep.dir}/.submitit/%j",
+        }
+        cs.store(group="hydra/launcher", name=name, node=node, provider="selfsup")
 
 
 register_schemas()
-# ${run_id:}: the start time plus 6 random hex digits, fixed per process (selfsup.engine.run_dir)
-OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+# ${run_id:}: the start time plus 6 random hex digits (selfsup.engine.run_dir); cached in the config, so a
+# SLURM job composing its sweep config from the submitter's gets the submitter's value (Hydra copies the cache)
+OmegaConf.register_new_resolver("run_id", run_id, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("member_dir", member_dir, replace=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,15 +1,27 @@
 """Process-group set-up and the collectives the algorithms use.
 
-``init`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and
-starts ``torch.distributed`` (nccl on CUDA, gloo on CPU); without those variables it is a plain
-single process. Every collective below is a no-op (or the identity) when there is one process, so
-algorithms with memory banks or clustering (ODC) run unchanged in one process, on CPU or one GPU.
+``init`` finds out who started this process and starts ``torch.distributed`` (nccl on CUDA, gloo on
+CPU):
+
+* **torchrun** (external, or ``launcher=torchrun``): its RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+  MASTER_PORT are used as they are.
+* **SLURM** (``srun`` with several tasks, which is what ``launcher=slurm`` runs): rank, local rank and
+  world size from SLURM_PROCID, SLURM_LOCALID and SLURM_STEP_NUM_TASKS; the master is the first host of
+  the job's node list; the port is ``dist.port``, else $PORT / $MASTER_PORT, else one derived from the
+  job id in 20000-60000 (submitit's rule), so that two jobs on one node do not collide.
+* otherwise a plain single process.
+
+A master port that another process holds gives one line naming ``dist.port=`` as the fix. On CUDA the
+local rank picks the GPU. Every collective below is a no-op (or the identity) when there is one
+process, so algorithms with memory banks or clustering (ODC) run unchanged in one process.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import random
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +36,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    launched_by: str = "local"  # local | torchrun | slurm
 
     @property
     def is_main(self) -> bool:
@@ -41,12 +54,108 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
                 f"device={device} but CUDA is not available (CUDA_VISIBLE_DEVICES="
                 f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use device=cpu or device=auto"
             )
-        return torch.device(f"cuda:{local_rank}") if device == "cuda" else torch.device(device)
+        if device == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(
+                    f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible (CUDA_VISIBLE_DEVICES="
+                    f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most one process per GPU"
+                )
+            return torch.device(f"cuda:{local_rank}")
+        return torch.device(device)
     raise ConfigError(f"device={device!r} is not one of auto, cpu, cuda, cuda:N")
 
 
-def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
-    """Start the process group if launched by torchrun (or SLURM via torchrun); pick the device."""
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int, addr: str = "") -> bool:
+    """Whether binding ``port`` here fails (another process listens on it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((addr if addr not in ("localhost", "127.0.0.1") else "", port))
+        except OSError:
+            return True
+    return False
+
+
+def port_in_use_error(port: int | str) -> ConfigError:
+    return ConfigError(
+        f"port {port} is already in use (another job on this machine?); give this run its own port with "
+        f"dist.port=<port>, e.g. dist.port={free_port()}"
+    )
+
+
+def configured_port(port: int | None) -> tuple[int | None, str]:
+    """``dist.port``, else $PORT, else $MASTER_PORT (None if none is set), and where it came from."""
+    if port is not None:
+        return port, "dist.port"
+    for name in ("PORT", "MASTER_PORT"):
+        value = os.environ.get(name)
+        if value:
+            if not value.isdigit() or not 1 <= int(value) <= 65535:
+                raise ConfigError(f"environment variable {name}={value!r} is not a port number (1-65535)")
+            return int(value), f"${name}"
+    return None, ""
+
+
+def _slurm_world() -> int:
+    """Tasks of this srun step (1 outside a step: a batch script's own shell, an interactive salloc)."""
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+
+
+def slurm_job_port(job_id: str) -> int:
+    """The port a SLURM job uses when none is set: drawn in 20000-60000 from the job id, the rule of
+    submitit's ``TorchDistributedEnvironment``, so two jobs on one node (almost) never collide."""
+    return random.Random(job_id).randint(20000, 60000)
+
+
+def _export_slurm_env(addr: str | None, port: int | None) -> None:
+    """Set torch's env:// variables from SLURM's, in any srun step (submitit's or the user's own);
+    submitit parses the node list (``node[03-04]`` -> node03, node04)."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    slurm = SlurmJobEnvironment()
+    chosen, _ = configured_port(port)
+    world = _slurm_world()
+    nodes = int(os.environ.get("SLURM_STEP_NUM_NODES", os.environ.get("SLURM_NNODES", "1")) or 1)
+    os.environ.update(
+        RANK=str(int(os.environ["SLURM_PROCID"])),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(int(os.environ.get("SLURM_LOCALID", "0"))),
+        LOCAL_WORLD_SIZE=str(max(1, world // max(1, nodes))),
+        MASTER_ADDR=addr or slurm.hostnames[0],
+        MASTER_PORT=str(chosen if chosen is not None else slurm_job_port(slurm.job_id)),
+    )
+
+
+def launcher_of_this_process() -> str:
+    """``torchrun`` when torchrun's variables are set, ``slurm`` inside an srun step of several tasks,
+    else ``local``."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "torchrun"
+    if "SLURM_PROCID" in os.environ and _slurm_world() > 1:
+        return "slurm"
+    return "local"
+
+
+def init(
+    device: str = "auto",
+    backend: str = "auto",
+    timeout_s: int = 1800,
+    addr: str | None = None,
+    port: int | None = None,
+) -> DistEnv:
+    """Start the process group if torchrun or SLURM started several processes; pick the device.
+
+    ``addr`` / ``port`` (``dist.addr`` / ``dist.port``) only matter under SLURM: torchrun has already
+    chosen its own (``launcher=torchrun`` passes them to it)."""
+    launched_by = launcher_of_this_process()
+    if launched_by == "slurm" and not dist.is_initialized():
+        _export_slurm_env(addr, port)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -56,15 +165,20 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> 
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            init_method="env://",
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=dev if backend == "nccl" else None,
-        )
+        try:
+            dist.init_process_group(
+                backend=backend,
+                init_method="env://",
+                timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=dev if backend == "nccl" else None,
+            )
+        except dist.DistNetworkError as e:
+            if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
+                raise port_in_use_error(os.environ.get("MASTER_PORT", "?")) from None
+            raise
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, launched_by=launched_by)
 
 
 def shutdown() -> None:
@@ -205,13 +319,21 @@ def batch_unshuffle(x: torch.Tensor, unshuffle_index: torch.Tensor) -> torch.Ten
 
 @dataclass
 class DistConfig:
-    """``dist``: the process group's backend and how long a collective may wait."""
+    """``dist``: the process group's backend, its rendezvous address and port, and how long a collective
+    may wait."""
 
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     timeout_s: int = 1800
+    # node 0's address for several machines (launcher=torchrun): None = $MASTER_ADDR, else this machine
+    addr: str | None = None
+    # this job's rendezvous port: None = $PORT or $MASTER_PORT, else picked (a free one locally, one
+    # derived from the job id on SLURM); two jobs on one machine need different ports
+    port: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"dist.backend={self.backend!r} must be auto, nccl or gloo")
         if not self.timeout_s >= 1:
             raise ConfigError(f"dist.timeout_s must be >= 1 (seconds a collective may wait), got {self.timeout_s}")
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise ConfigError(f"dist.port must be a TCP port number in 1-65535, got {self.port}")

@@ -27,3 +27,12 @@ class TrainingDiverged(SelfsupError):
 
 class TrainingInterrupted(SelfsupError):
     """The user stopped the run (Ctrl-C / SIGINT); it stopped at a step boundary with a checkpoint."""
+
+
+class TrainingPreempted(TrainingInterrupted):
+    """A signal (SIGUSR1/SIGUSR2 from SLURM before a time limit or preemption, SIGTERM from ``kill`` or
+    the scheduler) stopped the run at a step boundary with a checkpoint of that step."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from selfsup.config import CONFIG_DIR, compose
@@ -72,6 +73,50 @@ def run_training(overrides: list[str], run_dir: Path):
     from selfsup.engine.trainer import Trainer
 
     return Trainer(compose_cfg(overrides), run_dir).fit()
+
+
+# what torchrun, SLURM and the seed's scripts set: a command a test starts must not inherit them
+LAUNCH_VARS = {
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "PORT",
+    "NNODES",
+    "NODE_RANK",
+    "TORCHELASTIC_RUN_ID",
+}
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """The environment for a ``python -m selfsup.train`` a test starts: this one without the launch, SLURM,
+    submitit and Hydra variables of whatever runs the tests, on the CPU, one thread, unbuffered."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCH_VARS and not k.startswith(("SLURM_", "SUBMITIT_", "HYDRA_", "SELFSUP_FULL"))
+    }
+    env.update(CUDA_VISIBLE_DEVICES="-1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def relative_update_error(init: dict, one: dict, two: dict) -> dict[str, float]:
+    """Per floating tensor: |two - one| / |one - init|, how far run ``two``'s weights are from run ``one``'s
+    relative to what training moved them (both from the same ``init``). Tensors that training moved by
+    less than 1e-5 of their norm are left out: a Linear bias before a BatchNorm (BYOL's heads) has a zero
+    gradient in exact arithmetic, so its "update" is rounding noise. Integer tensors must be equal."""
+    out = {}
+    for key, want in one.items():
+        if want.is_floating_point():
+            moved = (want - init[key]).double().norm()
+            if moved > 1e-5 * init[key].double().norm():
+                out[key] = float((two[key] - want).double().norm() / moved)
+        else:
+            assert torch.equal(two[key], want), key  # num_batches_tracked
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -223,6 +223,65 @@ MUTANTS = [
         (("    if n_val >= n:\n", "    if False:\n"),),
         ("tests/test_cli.py::test_bad_input_gives_one_line[empty-train-split]",),
     ),
+    # ------------------------------------------------------------------------------ launching (issue 8)
+    Mutant(
+        "stop-signals-not-handled",
+        "selfsup/engine/trainer.py",
+        (('for name in ("SIGUSR1", "SIGUSR2", "SIGTERM") if hasattr', "for name in () if hasattr"),),
+        (
+            "tests/launch/test_local_launch.py::test_sigterm_stops_with_a_checkpoint_and_resume_auto_equals_an_uninterrupted_run",
+        ),
+    ),
+    Mutant(
+        "stop-overwrites-the-epoch-checkpoint",
+        "selfsup/engine/trainer.py",
+        (("else self._save(epoch_end=False)", "else self._save()"),),
+        ("tests/launch/test_local_launch.py::test_a_stop_in_the_middle_of_an_epoch_keeps_the_last_epoch_checkpoint",),
+    ),
+    Mutant(
+        "dist-port-ignored",
+        "selfsup/distributed.py",
+        (('    if port is not None:\n        return port, "dist.port"\n', ""),),
+        (
+            "tests/launch/test_local_launch.py::test_configured_port_prefers_dist_port_then_port_then_master_port",
+            "tests/launch/test_local_launch.py::test_slurm_port_prefers_dist_port_then_port_then_master_port",
+        ),
+    ),
+    Mutant(
+        "slurm-local-rank-from-the-global-rank",
+        "selfsup/distributed.py",
+        (
+            (
+                'LOCAL_RANK=str(int(os.environ.get("SLURM_LOCALID", "0")))',
+                'LOCAL_RANK=str(int(os.environ["SLURM_PROCID"]))',
+            ),
+        ),
+        ("tests/launch/test_local_launch.py::test_slurm_task_is_recognised_and_exports_torch_variables",),
+    ),
+    Mutant(
+        "workers-not-in-the-run-dir",
+        "selfsup/launch/torchrun.py",
+        (('*kept, f"hydra.run.dir={quote_override(str(run_dir))}"]', "*kept]"),),
+        ("tests/launch/test_local_launch.py::test_worker_command_runs_the_same_overrides_in_the_run_dir",),
+    ),
+    Mutant(
+        "a-failing-member-stops-the-sweep",
+        "selfsup/train.py",
+        (('        if multirun and os.environ.get("SELFSUP_FULL_ERROR") != "1":', "        if False:"),),
+        ("tests/launch/test_local_launch.py::test_a_sweep_runs_every_member_and_summarises_the_failed_one",),
+    ),
+    Mutant(
+        "summary-drops-failed-members",
+        "selfsup/launch/sweep.py",
+        (("        rows.append(row)\n", "        if state not in FAILED:\n            rows.append(row)\n"),),
+        ("tests/launch/test_local_launch.py::test_sweep_summary_of_member_dirs",),
+    ),
+    Mutant(
+        "requeued-job-does-not-resume",
+        "selfsup/train.py",
+        (('        c.resume = "auto"  # a requeued job', "        pass  # a requeued job"),),
+        ("tests/launch/test_slurm.py::test_a_signalled_job_checkpoints_requeues_and_resumes_exactly",),
+    ),
 ]
 
 

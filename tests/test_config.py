@@ -34,12 +34,13 @@ def test_every_algorithm_has_a_tiny_test_setting():
 @pytest.mark.parametrize("group", ["algo", "backbone", "dataset", "schedule", "launcher"])
 def test_every_group_file_extends_its_schema(group):
     """conf/<group>/<name>.yaml starts from /schema/<group>/<name> (generated from its _target_'s
-    constructor) or, for hand-written schemas, /schema/<group>/base."""
+    constructor, or the launcher's own dataclass) or, for the schedules, /schema/schedule/base. Launchers
+    that set Hydra's own launcher live in the global package and place their schema at ``launcher``."""
     for name in options(group):
         raw = OmegaConf.load(CONF / group / f"{name}.yaml")
-        own = f"/schema/{group}/{name}@_here_" if group in ("algo", "backbone", "dataset") else None
-        expected = own or f"/schema/{group}/base@_here_"
-        assert raw.defaults[0] == expected, f"conf/{group}/{name}.yaml must start with '- {expected}'"
+        own = f"/schema/{group}/{name}@_here_" if group != "schedule" else f"/schema/{group}/base@_here_"
+        allowed = {own, f"/schema/{group}/{name}@{group}"} if group == "launcher" else {own}
+        assert raw.defaults[0] in allowed, f"conf/{group}/{name}.yaml must start with '- {own}'"
 
 
 def test_every_group_has_its_options():
@@ -47,7 +48,7 @@ def test_every_group_has_its_options():
     assert options("backbone") == ["resnet18", "resnet50", "vit_base", "vit_small", "vit_tiny"]
     assert options("dataset") == ["cifar10", "digits", "fake", "imagefolder"]
     assert options("schedule") == ["cosine", "cpu", "step"]
-    assert options("launcher") == ["local"]
+    assert options("launcher") == ["local", "slurm", "submitit_local", "torchrun"]
     assert options("experiment") == [
         "byol_resnet50_16xb256-coslr-200e_in1k",
         "mae_vit-base-p16_8xb512-coslr-400e_in1k",
@@ -355,6 +356,9 @@ def test_group_files_state_only_what_differs_from_the_schema(group):
         if group in ("algo", "backbone", "dataset"):
             sub = "model" if group == "algo" else None
             schema = OmegaConf.structured(group_schema(group, target_of(CONF / group / f"{name}.yaml", sub)))
+        elif group == "launcher":
+            schema = ConfigStore.instance().load(f"schema/{group}/{name}.yaml").node
+            raw = raw.get("launcher", raw) if str(raw.defaults[0]).endswith("@launcher") else raw
         else:
             schema = ConfigStore.instance().load(f"schema/{group}/base.yaml").node
         assert not _restated(raw, schema), f"conf/{group}/{name}.yaml restates its schema's defaults"

@@ -555,21 +555,6 @@ def _torchrun(overrides: list[str], run_dir: Path, nproc: int = WORLD) -> subpro
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
 
 
-def _relative_update_error(init: dict, one: dict, two: dict) -> dict[str, float]:
-    """Per floating tensor: |two - one| / |one - init|, the disagreement relative to what training moved.
-    Tensors that training moved by less than 1e-5 of their norm are left out: a Linear bias before a
-    BatchNorm (BYOL's heads) has a zero gradient in exact arithmetic, so its "update" is rounding noise."""
-    out = {}
-    for key, want in one.items():
-        if want.is_floating_point():
-            moved = (want - init[key]).double().norm()
-            if moved > 1e-5 * init[key].double().norm():
-                out[key] = float((two[key] - want).double().norm() / moved)
-        else:
-            assert torch.equal(two[key], want), key  # num_batches_tracked
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("algo", ["simclr", "byol"])
@@ -585,7 +570,7 @@ def test_training_two_processes_equals_one_process(algo, tmp_path):
     float precision; later steps amplify rounding (BatchNorm over 32 samples at 1x1 resolution in
     layer4), so the bound there is 1% of the update, far below what any real difference gives
     (a missing gather, per-rank BN or a wrong lr scaling all give errors of order 1)."""
-    from conftest import compose_cfg, run_training, tiny
+    from conftest import compose_cfg, relative_update_error, run_training, tiny
     from selfsup.engine.trainer import Trainer
 
     common = tiny(algo) + [
@@ -618,7 +603,7 @@ def test_training_two_processes_equals_one_process(algo, tmp_path):
         ref = torch.load(tmp_path / "one" / name, map_location="cpu", weights_only=True)
         assert two["meta"]["world_size"] == WORLD and len(two["rng"]) == WORLD and ref["meta"]["world_size"] == 1
         assert (two["epoch"], two["step"]) == (ref["epoch"], ref["step"]) == (epoch, epoch)
-        errors = _relative_update_error(init, ref["model"], two["model"])
+        errors = relative_update_error(init, ref["model"], two["model"])
         assert len(errors) > 70  # weights and BN statistics of backbone and heads moved
         worst = max(errors, key=errors.get)
         assert errors[worst] < bound, f"after step {epoch}: {worst} differs by {errors[worst]:.2e} of its update"

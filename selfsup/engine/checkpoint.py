@@ -252,7 +252,12 @@ class CheckpointManager:
     def last(self) -> Path | None:
         return find_last(self.run_dir)
 
-    def save(self, epoch: int, step: int, final: bool, extra: Mapping[str, Any] | None = None) -> Path:
+    def save(
+        self, epoch: int, step: int, final: bool, extra: Mapping[str, Any] | None = None, epoch_end: bool = True
+    ) -> Path:
+        """Write ``last.pt`` (every rank calls it; rank 0 writes). At an epoch's end (``epoch_end``) every
+        ``interval`` epochs (and the final one) as ``epoch_NNNN.pt`` with ``last.pt`` a hard link to it;
+        a checkpoint in the middle of an epoch (a stop) replaces only ``last.pt``."""
         rng = rng_state()
         rngs: list[Any] = [rng]
         if distributed.get_world_size() > 1:
@@ -265,7 +270,7 @@ class CheckpointManager:
             state["rng"] = rngs
             state.update(extra or {})
             interval, keep = self.cfg.interval, self.cfg.keep
-            if interval > 0 and (epoch % interval == 0 or final):
+            if epoch_end and interval > 0 and (epoch % interval == 0 or final):
                 epoch_path = save_atomic(state, self.run_dir / f"epoch_{epoch:04d}.pt")
                 link_or_save(epoch_path, path, state)
                 if keep > 0:

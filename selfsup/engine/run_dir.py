@@ -14,12 +14,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import secrets
 import shutil
 import time
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -36,6 +38,21 @@ HYDRA_FILES = {".hydra", "train.log"}  # what Hydra itself writes into every run
 def run_id() -> str:
     """``YYYY-MM-DD_HH-MM-SS-xxxxxx``: the start time and 6 random hex digits, fixed for this process."""
     return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{secrets.token_hex(3)}"
+
+
+# execution settings: they do not tell sweep members apart, so member dir names leave them out
+_NOT_IN_MEMBER_NAMES = ("launcher", "hydra.", "dist.", "loader.", "log.", "resume", "overwrite", "device")
+
+
+def member_dir(num: int, overrides: Sequence[str]) -> str:
+    """``${member_dir:${hydra.job.num},${hydra.overrides.task}}``: a sweep member's sub-dir, its number and
+    its overrides (``3_algo=odc,schedule.epochs=2``); '/' becomes '%'; a long name is cut and a hash of the
+    whole added, so two members never share a directory."""
+    kept = [str(o) for o in overrides if not str(o).lstrip("+~").startswith(_NOT_IN_MEMBER_NAMES)]
+    name = ",".join(kept).replace("/", "%").replace("\\", "%")
+    if len(name) > 100:
+        name = f"{name[:90]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return f"{num}_{name}" if name else str(num)
 
 
 def agree_on_run_dir(run_dir: str | os.PathLike) -> Path:

@@ -47,11 +47,15 @@ from selfsup.engine.logger import MetricLogger, Progress
 from selfsup.engine.optim import OptimizerName, build_optimizer, scaled_lr
 from selfsup.engine.schedules import LRFactor, scheduled_value
 from selfsup.engine.state import TrainState
-from selfsup.errors import ConfigError, TrainingDiverged, TrainingInterrupted
+from selfsup.errors import ConfigError, TrainingDiverged, TrainingInterrupted, TrainingPreempted
 from selfsup.eval.knn import KNNMonitor
 from selfsup.models.sync_batchnorm import convert_sync_batchnorm
 
 log = logging.getLogger("selfsup")
+
+# what SLURM sends before a time limit or a preemption (USR1 / USR2 with --signal, TERM), and kill's default:
+# the run stops at the next step boundary with a checkpoint of that step
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2", "SIGTERM") if hasattr(signal, name))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -83,7 +87,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.cfg = c = typed(cfg)
         self.cfg_yaml = OmegaConf.to_yaml(to_plain(c))
-        self.env = distributed.init(c.device, c.dist.backend, c.dist.timeout_s)
+        self.env = distributed.init(c.device, c.dist.backend, c.dist.timeout_s, c.dist.addr, c.dist.port)
         self.device, self.is_main = self.env.device, self.env.is_main
         if not self.is_main:  # one copy of every message: rank 0 speaks, the others only warn
             logging.getLogger().setLevel(logging.WARNING)
@@ -171,7 +175,9 @@ class Trainer:
             save_only=("scheduler",),
         )
         self.resumed_from: Path | None = None
-        self._interrupted = False  # set by Ctrl-C: stop at the next step boundary
+        self._interrupted = False  # set by Ctrl-C or a stop signal: stop at the next step boundary
+        self._stop_signal: int | None = None  # the stop signal (USR1/USR2/TERM), None for Ctrl-C
+        self._stop_after_epoch = False  # a stop asked at an epoch's last step: after its checkpoint
         self._fit_start_time, self._fit_start_step = time.perf_counter(), 0
         self._maybe_resume(c.resume)
 
@@ -303,7 +309,7 @@ class Trainer:
         return sum(getattr(ds, "unreadable_count", lambda: 0)() for ds in (self.train_set, self.val_set))
 
     # ------------------------------------------------------------------ checkpoints
-    def _save(self) -> Path:
+    def _save(self, epoch_end: bool = True) -> Path:
         meta = {
             "algo": type(self.algo).__name__,
             "backbone": type(self.algo.backbone).__name__,
@@ -314,7 +320,7 @@ class Trainer:
         }
         extra = {"knn_initial": self.knn_initial, "config": self.cfg_yaml, "meta": meta}
         final = self.state.epoch == self.state.epochs
-        return self.checkpoints.save(self.state.epoch, self.state.step, final, extra)
+        return self.checkpoints.save(self.state.epoch, self.state.step, final, extra, epoch_end=epoch_end)
 
     # ------------------------------------------------------------------ training
     def _loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
@@ -390,18 +396,23 @@ class Trainer:
         return out, self.algo.after_step(self.state)
 
     def _stop_requested(self, at_log_step: bool) -> bool:
-        """Whether a Ctrl-C asked to stop. One process: after any step. Several: the ranks agree (one
-        all-reduce, which waits for the device) only at log steps, where the loss is all-reduced anyway,
-        so that no step of the hot path pays a host synchronisation."""
+        """Whether a Ctrl-C or a stop signal asked to stop. One process: after any step. Several: the ranks
+        agree (one all-reduce, which waits for the device) only at log steps, where the loss is all-reduced
+        anyway, so that no step of the hot path pays a host synchronisation; a rank that got no signal
+        itself stops as preempted when another rank got one."""
         if self.env.world_size == 1:
             return self._interrupted
         if not at_log_step:
             return False
-        flag = torch.tensor(float(self._interrupted), device=self.device)
-        return bool(distributed.all_reduce_(flag) > 0)
+        flags = torch.tensor([float(self._interrupted), float(self._stop_signal is not None)], device=self.device)
+        interrupted, signalled = distributed.all_reduce_(flags).tolist()
+        if signalled > 0 and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM
+        return interrupted > 0
 
-    def _train_epoch(self, logger: MetricLogger, progress: Progress) -> float:
-        """One epoch (or its rest, after a resume in the middle of it); returns its mean loss."""
+    def _train_epoch(self, logger: MetricLogger, progress: Progress) -> float | None:
+        """One epoch (or its rest, after a resume in the middle of it); returns its mean loss (None when
+        nothing of it was left)."""
         acc, interval = self.cfg.schedule.accumulate, self.cfg.log.interval
         steps_per_epoch = self.state.steps_per_epoch
         done = self.state.step - self.state.epoch * steps_per_epoch  # steps of this epoch already taken
@@ -461,9 +472,12 @@ class Trainer:
                 t_window = t_ready = time.perf_counter()
             else:
                 progress.update(step_in_epoch)
-            if stop:
+            if stop and step_in_epoch < steps_per_epoch:
                 raise _Stop
+            self._stop_after_epoch = stop  # at the epoch's last step: end the epoch first (its checkpoint)
         progress.close()
+        if processed == 0:  # resumed from a checkpoint of this epoch's last step: nothing left in it
+            return None
         epoch_sum += loss_sum
         epoch_loss = float(distributed.all_reduce_(epoch_sum, "mean")) / max(1, processed)
         self._check_finite(epoch_loss)
@@ -486,10 +500,20 @@ class Trainer:
         return (now - self._fit_start_time) / max(1, steps) * left
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self._interrupted:  # a second Ctrl-C: stop now
+        if self._interrupted and self._stop_signal is None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self._interrupted = True
-        log.warning("Ctrl-C: stopping after this step and writing a checkpoint (press Ctrl-C again to abort)")
+        if self.is_main:
+            log.warning("Ctrl-C: stopping after this step and writing a checkpoint (press Ctrl-C again to abort)")
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is None and self.is_main:
+            log.warning(
+                "%s: stopping after this step and writing a checkpoint of it (preemption or time limit)",
+                signal.Signals(signum).name,
+            )
+        self._interrupted = True
+        self._stop_signal = self._stop_signal or signum
 
     def fit(self) -> TrainResult:
         t0 = time.perf_counter()
@@ -509,11 +533,13 @@ class Trainer:
         self._log_start(logger)
         final_loss: float | None = None
         knn_final: dict[str, float] | None = None
-        self._interrupted = False
+        self._interrupted, self._stop_signal, self._stop_after_epoch = False, None, False
         self._fit_start_time, self._fit_start_step = time.perf_counter(), self.state.step
-        handler = None
+        previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            handler = signal.signal(signal.SIGINT, self._on_sigint)
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+            for sig in STOP_SIGNALS:  # replaces submitit's requeue handler while training (train.py calls it after)
+                previous[sig] = signal.signal(sig, self._on_stop_signal)
         try:
             if self.resumed_from is None:
                 self.knn_initial = self.knn()
@@ -522,10 +548,12 @@ class Trainer:
                     logger.write("knn", self.state.step, self.state.epoch, **self.knn_initial)
             self.algo.on_train_start(self)
             while self.state.epoch < self.state.epochs:
-                final_loss = self._train_epoch(logger, progress)
+                epoch_loss = self._train_epoch(logger, progress)
+                final_loss = epoch_loss if epoch_loss is not None else final_loss
                 self._report_unreadable()
                 self.state.epoch += 1
-                log.info("epoch %d/%d done: loss %.4f", self.state.epoch, self.state.epochs, final_loss)
+                if epoch_loss is not None:
+                    log.info("epoch %d/%d done: loss %.4f", self.state.epoch, self.state.epochs, epoch_loss)
                 interval = c.knn.interval
                 if interval and self.state.epoch % interval == 0 and self.state.epoch < self.state.epochs:
                     knn = self.knn()
@@ -533,14 +561,16 @@ class Trainer:
                         log.info("kNN after epoch %d: %s", self.state.epoch, _fmt(knn))
                         logger.write("knn", self.state.step, self.state.epoch, **knn)
                 self._save()
+                if self._stop_after_epoch and self.state.epoch < self.state.epochs:
+                    raise _Stop
             knn_final = self.knn()
             if knn_final:
                 logger.write("knn", self.state.step, self.state.epoch, **knn_final)
         except _Stop:
             raise self._interrupted_at_step() from None
         finally:
-            if handler is not None:
-                signal.signal(signal.SIGINT, handler)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
             progress.close()
             logger.close()
         result = TrainResult(
@@ -558,14 +588,22 @@ class Trainer:
         return result
 
     def _interrupted_at_step(self) -> TrainingInterrupted:
-        """After a Ctrl-C: a checkpoint of this step (if past the first) and how to resume from it."""
+        """After a Ctrl-C or a stop signal: a checkpoint of this step (if past the first) and how to resume."""
+        how = "interrupted" if self._stop_signal is None else f"stopped by {signal.Signals(self._stop_signal).name}"
+        last = self.checkpoints.last
         if self.state.step == 0:
-            return TrainingInterrupted("interrupted before the first optimizer step; nothing was saved")
-        path = self._save()
-        return TrainingInterrupted(
-            f"interrupted at epoch {self.state.epoch + 1}, step {self.state.step}: saved {path}; continue with: "
-            f"{resume_command(self.run_dir)}"
-        )
+            message = f"{how} before the first optimizer step; nothing was saved"
+        else:
+            saved = last is not None and int(ckpt_io.load(last, mmap=True)["step"]) == self.state.step
+            # the epoch's own checkpoint when it is this step; else last.pt alone (epoch files stay intact)
+            path = last if saved and last is not None else self._save(epoch_end=False)
+            message = (
+                f"{how} at epoch {self.state.epoch + 1}, step {self.state.step}: saved {path}; continue with: "
+                f"{resume_command(self.run_dir)}"
+            )
+        if self._stop_signal is not None:
+            return TrainingPreempted(message, self._stop_signal)
+        return TrainingInterrupted(message)
 
     def _nothing_left(self, t0: float) -> TrainResult:
         path = self.resumed_from
@@ -657,15 +695,20 @@ def peak_memory_gib(device: torch.device) -> float:
 def resume_command(run_dir: Path) -> str:
     """The command line that continues this run in ``run_dir`` (this run's own overrides if Hydra ran it)."""
     overrides: list[str] = []
+    where = [f"hydra.run.dir={run_dir}"]
     try:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
         if HydraConfig.initialized():
+            hc = HydraConfig.get()
             skip = ("resume=", "hydra.run.dir=", "overwrite=")
-            overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(skip)]
+            overrides = [o for o in hc.overrides.task if not o.startswith(skip)]
+            if hc.mode == RunMode.MULTIRUN:  # launcher=slurm / a sweep member: the sweep dir decides
+                where = [f"hydra.sweep.dir={run_dir.parent}", f"hydra.sweep.subdir={run_dir.name}"]
     except Exception:  # noqa: BLE001 - only a hint
         overrides = []
-    return " ".join(["python -m selfsup.train", *overrides, f"hydra.run.dir={run_dir}", "resume=auto"])
+    return " ".join(["python -m selfsup.train", *overrides, *where, "resume=auto"])
 
 
 def _fmt(result: dict[str, float]) -> str:
