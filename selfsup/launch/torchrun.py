@@ -23,6 +23,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -93,7 +94,9 @@ def spawn(
     check_gpus(launcher, device)
     nnodes, node_rank, master_addr, master_port = rendezvous(launcher, addr, port)
     # time the workers get to write their checkpoint after a signal (torch >= 2.6 lets us set it)
-    grace = {"shutdown_timeout": 600} if "shutdown_timeout" in inspect.signature(LaunchConfig).parameters else {}
+    grace: dict[str, Any] = {}
+    if "shutdown_timeout" in inspect.signature(LaunchConfig).parameters:
+        grace["shutdown_timeout"] = 600
     config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,
