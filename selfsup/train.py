@@ -185,7 +185,10 @@ def _task(cfg: DictConfig) -> float | None:
     from selfsup.launch.submitit import requeue_handler
 
     hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN  # a sweep member: report a failure, let the others run
+    # a sweep member reports a failure and returns, so that the other members run on; one of several SLURM
+    # tasks exits instead (srun's --kill-on-bad-exit then stops its peers rather than leave them waiting
+    # in a collective), and the sweep learns it from status.json
+    multirun = hc.mode == RunMode.MULTIRUN and distributed.launcher_of_this_process() != "slurm"
     run_dir = Path(hc.runtime.output_dir)
     requeue = requeue_handler()  # submitit's (in a SLURM job): requeues after our checkpoint
     try:

@@ -277,6 +277,12 @@ MUTANTS = [
         ("tests/launch/test_local_launch.py::test_sweep_summary_of_member_dirs",),
     ),
     Mutant(
+        "a-failing-slurm-task-waits-for-its-peers",
+        "selfsup/train.py",
+        ((' and distributed.launcher_of_this_process() != "slurm"', ""),),
+        ("tests/launch/test_slurm.py::test_a_failing_task_of_a_two_task_job_ends_the_job",),
+    ),
+    Mutant(
         "requeued-job-does-not-resume",
         "selfsup/train.py",
         (('        c.resume = "auto"  # a requeued job', "        pass  # a requeued job"),),

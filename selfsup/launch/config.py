@@ -144,6 +144,8 @@ class SlurmConfig(SubmititConfig):
         params.update(
             slurm_signal_delay_s=self.signal_delay_s,
             slurm_array_parallelism=self.array_parallelism,
+            # a task that fails ends its job's other tasks at once (they would wait in a collective)
+            slurm_srun_args=["--kill-on-bad-exit=1"],
         )
         for key in ("partition", "account", "qos", "constraint"):
             if getattr(self, key) is not None:

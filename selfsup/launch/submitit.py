@@ -104,12 +104,16 @@ def submit(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         if lc.wait:
             try:
                 value = job.results()[0].return_value
-            except Exception as e:  # noqa: BLE001 - the job died (killed, out of memory, node failure)
-                first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-                print(f"  job {job.job_id} ended without finishing: {first} (log: {job.paths.stderr})", flush=True)
-                state = (sweep.read_status(run_dir) or {}).get("status")
-                if state in (None, "running"):
+            except Exception as e:  # noqa: BLE001 - a task exited with an error, or the job died (killed, OOM, ...)
+                record = sweep.read_status(run_dir) or {}
+                if record.get("status") in (None, "running"):  # it died without a word: submitit's is all we have
+                    first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
                     sweep.write_status(run_dir, "crashed", error=first, log=str(job.paths.stderr))
+                    record = sweep.read_status(run_dir) or {}
+                print(
+                    f"  job {job.job_id} {record.get('status')}: {record.get('error')} (log: {record.get('log')})",
+                    flush=True,
+                )
         returns.append(
             JobReturn(
                 overrides=list(overrides), working_dir=str(run_dir), status=JobStatus.COMPLETED, _return_value=value

@@ -220,6 +220,21 @@ def test_sweep_with_a_failing_member_reports_both(slurm, tmp_path):
     assert "| finished |" in md and "| failed |" in md and bad["error"] in md
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_failing_task_of_a_two_task_job_ends_the_job(slurm, tmp_path):
+    """Both tasks of a 2-task job fail (the batch exceeds the data): they exit instead of returning, srun's
+    --kill-on-bad-exit ends the job (no task is left waiting in a collective), and the submitter reports
+    the member failed with its error and log."""
+    proc = _run([*QUICK, *SLURM, "launcher.tasks_per_node=2", "schedule.batch_size=100000"], tmp_path, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, _out(proc)
+    (job,) = _jobs(proc.stdout, tmp_path)
+    status = _status(job["run_dir"])
+    assert status["status"] == "failed" and "lower schedule.batch_size" in status["error"], status
+    assert f"job {job['job_id']} failed: {status['error']} (log: {status['log']})" in proc.stdout, _out(proc)
+    assert _sacct(job["job_id"]) == "FAILED"
+
+
 # ---------------------------------------------------------------------------------------------- 3. DDP in one job
 
 
