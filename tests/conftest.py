@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from omegaconf import DictConfig
 
 from selfsup.config import CONFIG_DIR, compose
@@ -103,6 +106,18 @@ def launch_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_tool(module: str, *args: str, cwd: Path | None = None, timeout: float = 300):
+    """``python -m <module> <args>`` as a user runs it (CPU, no HYDRA_FULL_ERROR): the completed process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "-1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def relative_update_error(init: dict, one: dict, two: dict) -> dict[str, float]:
     """Per floating tensor: |two - one| / |one - init|, how far run ``two``'s weights are from run ``one``'s
     relative to what training moved them (both from the same ``init``). Tensors that training moved by
@@ -151,3 +166,55 @@ def _isolate_env(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("SELFSUP_TEST_CUDA", "-1"))
+
+
+def fake_run(
+    path: Path,
+    algo: str = "simclr",
+    epochs: int = 2,
+    done: int = 2,
+    status: dict | None = None,
+    age_s: float = 0.0,
+    torn: bool = False,
+    choices: bool = True,
+) -> Path:
+    """A run dir as the trainer leaves it: resolved config, ``done`` epochs of metrics, optional status."""
+    target = {"simclr": "selfsup.algorithms.simclr.SimCLR", "byol": "selfsup.algorithms.byol.BYOL"}[algo]
+    cfg = {
+        "algo": {"model": {"_target_": target, "hidden_dim": 64}},
+        "backbone": {"_target_": "selfsup.models.resnet.ResNet", "arch": "resnet18"},
+        "dataset": {"_target_": "selfsup.data.datasets.FakeImages", "num_samples": 64},
+        "schedule": {"epochs": epochs, "batch_size": 16},
+        "seed": 0,
+    }
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if choices:
+        (path / ".hydra").mkdir()
+        hydra = {"hydra": {"runtime": {"choices": {"algo": algo, "backbone": "resnet18", "dataset": "fake"}}}}
+        (path / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+        (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"algo={algo}", f"schedule.epochs={epochs}"]))
+    t0 = 1_800_000_000.0
+    records = [
+        {"kind": "config", "epoch": 0, "step": 0, "time": t0},
+        {"kind": "knn", "step": 0, "time": t0, "top1": 0.25},
+    ]
+    for e in range(1, done + 1):
+        for s in range(1, 5):
+            step = (e - 1) * 4 + s
+            loss = 6.0 - 0.1 * step
+            records.append(
+                {"kind": "train", "epoch": step / 4, "step": step, "time": t0 + step, "loss": loss, "lr": 0.01}
+            )
+        records.append({"kind": "epoch", "epoch": e, "step": 4 * e, "time": t0 + 4 * e, "loss": 6.0 - 0.4 * e})
+    if done == epochs:
+        records.append({"kind": "knn", "epoch": done, "step": 4 * done, "time": t0 + 4 * done + 1, "top1": 0.5})
+    lines = [json.dumps(r) for r in records] + (['{"kind": "train", "step": 9, "lo'] if torn else [])
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if status is not None:
+        (path / "status.json").write_text(json.dumps(status))
+    if age_s:
+        then = time.time() - age_s
+        for f in path.rglob("*"):
+            os.utime(f, (then, then))
+    return path

@@ -47,7 +47,7 @@ from selfsup.engine.logger import MetricLogger, Progress
 from selfsup.engine.optim import OptimizerName, build_optimizer, scaled_lr
 from selfsup.engine.schedules import LRFactor, scheduled_value
 from selfsup.engine.state import TrainState
-from selfsup.errors import ConfigError, TrainingDiverged, TrainingInterrupted, TrainingPreempted
+from selfsup.errors import CheckpointError, ConfigError, TrainingDiverged, TrainingInterrupted, TrainingPreempted
 from selfsup.eval.knn import KNNMonitor
 from selfsup.models.sync_batchnorm import convert_sync_batchnorm
 
@@ -220,6 +220,12 @@ class Trainer:
         else:
             path = Path(resume).expanduser()
         ckpt = ckpt_io.load(path)
+        if "optimizer" not in ckpt:  # published (selfsup.tools.publish) or otherwise weights only
+            raise CheckpointError(
+                f"{path} holds weights only (no optimizer state: a published checkpoint?), so training cannot "
+                "continue from it exactly; resume from the run's own last.pt, or load its weights with "
+                "selfsup.engine.pretrained.load_pretrained"
+            )
         self._check_resume_config(path, ckpt)
         # the optimiser's state (momentum buffers, moments) comes from the checkpoint, its
         # hyper-parameters (lr, weight decay, ...) from this run's config
