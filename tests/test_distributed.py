@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from selfsup.algorithms.odc import ODCMemory
 from selfsup.clustering import torch_kmeans
 from selfsup.data.datasets import FakeImages
 from selfsup.data.views import Normalize
+from selfsup.distributed import free_port
 from selfsup.engine import checkpoint as ckpt_io
 from selfsup.eval.features import extract_features
 from selfsup.losses.ntxent import NTXentLoss
@@ -42,12 +42,6 @@ SPAWN_TIMEOUT = 180  # covers the module fixture's 2-process run
 # One 2-process run (module fixture) executes every scenario below in turn: starting 2 ranks costs ~10 s
 # of imports on 2 cores, the scenarios themselves well under a second each.
 Job = tuple[str, Callable[[int, Any], dict], Any]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, jobs: list[Job], out_dir: str) -> None:
@@ -95,7 +89,7 @@ def two_ranks(tmp_path_factory) -> tuple[list[dict], str | None]:
     out = tmp_path_factory.mktemp("ranks")
     error = None
     try:
-        mp.spawn(_entry, args=(WORLD, _free_port(), jobs, str(out)), nprocs=WORLD, join=True)
+        mp.spawn(_entry, args=(WORLD, free_port(), jobs, str(out)), nprocs=WORLD, join=True)
     except Exception as e:  # reported by the tests whose scenario is missing
         error = f"{type(e).__name__}: {e}"
     files = [out / f"rank{r}.pt" for r in range(WORLD)]
@@ -549,7 +543,7 @@ def test_rng_state_survives_pickle():
 
 def _torchrun(overrides: list[str], run_dir: Path, nproc: int = WORLD) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-    cmd += ["--master-port", str(_free_port()), "-m", "selfsup.train", *overrides, f"hydra.run.dir={run_dir}"]
+    cmd += ["--master-port", str(free_port()), "-m", "selfsup.train", *overrides, f"hydra.run.dir={run_dir}"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(CUDA_VISIBLE_DEVICES="-1", OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from conftest import REPO, compose_cfg, run_training, tiny
+from selfsup.distributed import free_port
 from selfsup.engine import checkpoint as ckpt_io
 from selfsup.engine.run_dir import run_id, truncate_metrics
 from selfsup.engine.trainer import Trainer
@@ -192,7 +193,7 @@ def test_torchrun_ranks_share_one_unique_run_dir(tmp_path):
         "--nproc-per-node",
         "2",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "selfsup.train",
         *QUICK,
@@ -206,14 +207,6 @@ def test_torchrun_ranks_share_one_unique_run_dir(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     runs = list((tmp_path / "outputs" / "simclr").iterdir())
     assert len(runs) == 1 and (runs[0] / "last.pt").is_file()  # the other rank's own directory was removed
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_checkpoint_of_another_dataset_is_refused(tmp_path):

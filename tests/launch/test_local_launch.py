@@ -26,6 +26,7 @@ import yaml
 
 from conftest import compose_cfg, launch_env, relative_update_error, tiny
 from selfsup import distributed
+from selfsup.distributed import free_port
 from selfsup.engine.run_dir import member_dir
 from selfsup.errors import ConfigError
 from selfsup.launch import sweep
@@ -43,12 +44,6 @@ HALF_BATCH = ["schedule.batch_size=8"]  # per process: 2 processes x 8 = the 1-p
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _descendants(pid: int) -> list[int]:
@@ -250,7 +245,7 @@ def two_node_runs(tmp_path_factory) -> NodeResults:
     started: dict[str, tuple[Path, int, list[subprocess.Popen]]] = {}
     with _processes() as procs:
         for how in ("overrides", "environment"):
-            cwd, port = tmp_path_factory.mktemp(how), _free_port()
+            cwd, port = tmp_path_factory.mktemp(how), free_port()
             for node in (0, 1):
                 if how == "overrides":
                     args = [

@@ -17,7 +17,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import pytest
 import torch
 
 from conftest import FAST, compose_cfg, launch_env, relative_update_error, tiny
+from selfsup.distributed import free_port
 from selfsup.engine import checkpoint as ckpt_io
 
 QUICK = tiny("simclr") + FAST + ["knn.enabled=false"]  # 64 images, 16 per step: 4 steps per epoch
@@ -147,12 +147,6 @@ def _sacct(job_id: str, fields: str = "State") -> str:
 def _scontrol(job_id: str) -> dict[str, str]:
     proc = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True)
     return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _model(path: Path) -> dict[str, torch.Tensor]:
@@ -316,9 +310,9 @@ def test_two_jobs_on_one_node_use_their_own_ports(slurm, tmp_path):
     """Two 2-task jobs submitted side by side by two commands, each with its own ``dist.port``: both run at
     once and rendezvous on their own port. Without ``dist.port`` (a 2-member job array, its tasks running
     at once) each rendezvous on the port derived from its job id (submitit's rule), and those differ."""
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     while ports[0] == ports[1]:
-        ports[1] = _free_port()
+        ports[1] = free_port()
     dirs = [tmp_path / f"explicit{i}" for i in range(2)]
     for d in dirs:
         d.mkdir()
