@@ -10,7 +10,7 @@ SLURM_UP_CPUS ?= 4
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast mutants lint format bench-cpu params publish runs plot slurm-up slurm-down clean
+.PHONY: help install train test test-fast mutants lint format bench-cpu bench params publish export runs plot tsne mae-vis notebook slurm-up slurm-down clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,17 +47,32 @@ format: $(STAMP) ## ruff autofix + format
 bench-cpu: $(STAMP) ## training-step throughput of the default model on this CPU
 	$(BIN)/python -m selfsup.tools.benchmark_step --steps 10 --warmup 3 -- device=cpu $(ARGS)
 
+bench: $(STAMP) ## benchmark a checkpoint: make bench CKPT=outputs/<run>/last.pt ARGS="bench=linear" (knn|linear|svm|semisup|finetune)
+	$(BIN)/python -m selfsup.benchmark ckpt=$(CKPT) $(ARGS)
+
 params: $(STAMP) ## parameters per module, all and trainable: make params ARGS="algo=mae backbone=vit_base" (or ARGS="ckpt=<run>/last.pt --json")
 	$(BIN)/python -m selfsup.tools.count_params $(ARGS)
 
 publish: $(STAMP) ## slim a checkpoint for release as <stem>-<sha8>.pth: make publish CKPT=outputs/<run>/last.pt OUT=zoo/simclr_r18
 	$(BIN)/python -m selfsup.tools.publish $(CKPT) $(OUT)
 
+export: $(STAMP) ## the backbone alone under torchvision (ResNet) or timm (ViT) key names: make export CKPT=... OUT=zoo/
+	$(BIN)/python -m selfsup.tools.export $(CKPT) $(OUT) $(ARGS)
+
 runs: $(STAMP) ## list the runs under outputs/ and multirun/: make runs ARGS="algo=simclr --sort=-knn"
 	$(BIN)/python -m selfsup.tools.runs $(ARGS)
 
 plot: $(STAMP) ## loss / lr / kNN curves of a run or a sweep into <dir>/curves.png: make plot RUN=outputs/simclr/<run>
 	$(BIN)/python -m selfsup.tools.plot $(RUN) $(ARGS)
+
+tsne: $(STAMP) ## t-SNE of every backbone stage into <ckpt folder>/tsne: make tsne CKPT=outputs/<run>/last.pt [ARGS="stages=[layer4]"]
+	$(BIN)/python -m selfsup.tools.tsne ckpt=$(CKPT) $(ARGS)
+
+mae-vis: $(STAMP) ## MAE reconstruction panels of one image: make mae-vis IMG=cat.jpg CKPT=outputs/mae/<run>/last.pt [OUT=cat_mae.png]
+	$(BIN)/python -m selfsup.tools.mae_vis img=$(IMG) ckpt=$(CKPT) $(if $(OUT),out=$(OUT)) $(ARGS)
+
+notebook: $(STAMP) ## run notebooks/walkthrough.ipynb into notebooks/walkthrough.out.ipynb (with outputs; git ignores it)
+	cd notebooks && ../$(BIN)/jupyter execute --output=walkthrough.out walkthrough.ipynb
 
 slurm-up: ## start a one-node SLURM cluster on localhost (as root; 4 CPUs: two 2-task jobs at once) for the SLURM tests
 	$(SUDO) env SLURM_UP_CPUS=$(SLURM_UP_CPUS) bash $(SLURM_SCRIPTS)/slurm-up.sh

@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, TypeVar, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
@@ -58,6 +58,7 @@ from selfsup.errors import ConfigError
 from selfsup.eval.knn import KNNConfig
 from selfsup.launch.config import LauncherConfig, SlurmConfig, SubmititConfig, TorchrunConfig
 
+T = TypeVar("T")
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 CONFIG_NAME = "train"
 
@@ -194,6 +195,7 @@ _GENERATED: dict[str, tuple[str | None, tuple[str, ...], tuple[tuple[str, Any, A
     "algo": ("model", ("backbone",), ()),
     "backbone": (None, (), ()),
     "dataset": (None, ("split",), (("hints", BackboneHints, field(default_factory=BackboneHints)),)),
+    "bench": (None, (), ()),  # the benchmarks of python -m selfsup.benchmark (conf/bench/)
 }
 
 
@@ -262,9 +264,11 @@ def compose(
     overrides: Sequence[str] = (),
     config_dirs: Sequence[str | Path] = (),
     return_hydra_config: bool = False,
+    config_name: str = CONFIG_NAME,
 ) -> DictConfig:
     """The config ``python -m selfsup.train [--config-dir DIR] <overrides>`` gets (tools and tests use
-    this; the command line uses the same ``CONFIG_DIR``/``CONFIG_NAME`` through ``@hydra.main``)."""
+    this; the command line uses the same ``CONFIG_DIR``/``CONFIG_NAME`` through ``@hydra.main``).
+    ``config_name`` picks another primary config of ``conf/``: ``benchmark``, ``tsne``, ``mae_vis``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -276,9 +280,32 @@ def compose(
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="selfsup"):
-            return hydra_compose(CONFIG_NAME, overrides=[*extra, *overrides], return_hydra_config=return_hydra_config)
+            return hydra_compose(config_name, overrides=[*extra, *overrides], return_hydra_config=return_hydra_config)
     finally:
         GlobalHydra.instance().clear()
+
+
+def compose_tool(config_name: str, schema: type[T], overrides: Sequence[str] = ()) -> T:
+    """A tool's config (``conf/<config_name>.yaml`` over its typed ``schema``, stored in the ConfigStore
+    as ``<config_name>_schema``) composed with ``overrides`` and turned into ``schema``'s dataclass.
+    Tools compose with the same Hydra machinery as training, so ``dataset=cifar10 dataset.root=...``
+    and ``backbone=resnet50`` pick the same group files."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
+    cfg = compose(overrides, config_name=config_name)
+    try:
+        OmegaConf.resolve(cfg)
+    except InterpolationResolutionError as e:
+        if cfg.get("backbone") is not None and cfg.get("dataset") is None and "dataset" in str(e):
+            raise ConfigError(
+                "the backbone options follow the dataset's (image size, stem, patch size): with backbone=... "
+                "also choose the dataset, e.g. dataset=digits or dataset=cifar10 dataset.root=<folder>"
+            ) from None
+        raise
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, schema)
+    return obj
 
 
 def typed(cfg: DictConfig | TrainConfig) -> TrainConfig:
@@ -317,6 +344,7 @@ __all__ = [
     "Precision",
     "TrainConfig",
     "compose",
+    "compose_tool",
     "group_schema",
     "register_schemas",
     "schema_of",

@@ -43,7 +43,8 @@ class DistEnv:
         return self.rank == 0
 
 
-def _resolve_device(device: str, local_rank: int) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto | cpu | cuda | cuda:N`` as a torch device (``cuda`` = this process's local GPU)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -159,7 +160,7 @@ def init(
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():

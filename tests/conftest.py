@@ -160,6 +160,24 @@ def cifar_folder(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def simclr_digits_ckpt(tmp_path_factory) -> Path:
+    """A SimCLR ResNet-18 checkpoint from a short default run on digits (2 epochs, 7x7 stem, 32 px): what
+    the evaluation tools and benchmarks are tested on. Shared by the session; do not modify the file."""
+    run = tmp_path_factory.mktemp("simclr_digits")
+    run_training(["schedule.epochs=2", "knn.enabled=false"], run)
+    return run / "last.pt"
+
+
+@pytest.fixture(scope="session")
+def mae_digits_ckpt(tmp_path_factory) -> Path:
+    """A tiny MAE ViT checkpoint (2 blocks of 32-d, patch 8, norm_pix_loss) from one epoch on digits at 32 px.
+    Shared by the session; do not modify the file."""
+    run = tmp_path_factory.mktemp("mae_digits")
+    run_training(tiny("mae", "digits") + ["knn.enabled=false"], run)
+    return run / "last.pt"
+
+
 @pytest.fixture(autouse=True)
 def _isolate_env(monkeypatch):
     """No test depends on a GPU or on a torchrun environment of the machine running it."""

@@ -47,7 +47,7 @@ MUTANTS = [
     Mutant(
         "features-without-normalisation",
         "selfsup/eval/features.py",
-        (('f = fn(normalize(batch["views"][0])).float()', 'f = fn(batch["views"][0].float()).float()'),),
+        (('out = fn(normalize(batch["views"][0]))', 'out = fn(batch["views"][0].float())'),),
         ("tests/eval/test_features.py",),
     ),
     Mutant(
@@ -172,7 +172,7 @@ MUTANTS = [
     Mutant(
         "resumed-metrics-not-truncated",
         "selfsup/engine/run_dir.py",
-        (("    if dropped:\n        tmp =", "    if False:\n        tmp ="),),
+        (("    if dropped:\n        write_text_atomic(", "    if False:\n        write_text_atomic("),),
         ("tests/engine/test_run_dirs.py::test_resume_auto_drops_records_past_the_checkpoint_and_stale_temporaries",),
     ),
     Mutant(
@@ -287,6 +287,78 @@ MUTANTS = [
         "selfsup/train.py",
         (('        c.resume = "auto"  # a requeued job', "        pass  # a requeued job"),),
         ("tests/launch/test_slurm.py::test_a_signalled_job_checkpoints_requeues_and_resumes_exactly",),
+    ),
+    Mutant(
+        "knn-benchmark-on-the-training-split",
+        "selfsup/eval/knn.py",
+        (
+            (
+                "queries, query_labels = ctx.features(ctx.val, (self.stage,))",
+                "queries, query_labels = ctx.features(ctx.train, (self.stage,))",
+            ),
+        ),
+        ("tests/test_benchmark.py::test_knn_benchmark_measures_the_checkpoints_features_on_the_held_out_split",),
+    ),
+    Mutant(
+        "stage-features-without-the-final-norm",
+        "selfsup/eval/features.py",
+        (("            normed = backbone.norm(z)  # type: ignore[operator]", "            normed = z"),),
+        ("tests/eval/test_features.py::test_stage_features_end_in_the_backbones_own_feature",),
+    ),
+    Mutant(
+        "mae-vis-skips-denormalisation",
+        "selfsup/tools/mae_vis.py",
+        (("    if not norm_pix:\n        return pred\n", "    return pred\n"),),
+        ("tests/tools/test_mae_vis.py::test_perfect_prediction_with_denorm_original_is_the_original",),
+    ),
+    Mutant(
+        "mae-vis-panels-swapped",
+        "selfsup/tools/mae_vis.py",
+        (
+            (
+                "return Panels(hwc(x), hwc(masked), hwc(recon), hwc(pasted))",
+                "return Panels(hwc(x), hwc(masked), hwc(pasted), hwc(recon))",
+            ),
+        ),
+        ("tests/tools/test_mae_vis.py::test_masked_and_pasted_panels",),
+    ),
+    Mutant(
+        "export-vit-mlp-layers-swapped",
+        "selfsup/tools/export.py",
+        (
+            (
+                '("blocks.{b}.mlp.0.{t}", "blocks.{b}.mlp.fc1.{t}"),',
+                '("blocks.{b}.mlp.0.{t}", "blocks.{b}.mlp.fc2.{t}"),',
+            ),
+            (
+                '("blocks.{b}.mlp.2.{t}", "blocks.{b}.mlp.fc2.{t}"),',
+                '("blocks.{b}.mlp.2.{t}", "blocks.{b}.mlp.fc1.{t}"),',
+            ),
+        ),
+        ("tests/tools/test_export.py::test_tiny_vit_gives_timms_pooled_feature",),
+    ),
+    Mutant(
+        "tsne-no-per-class-cap",
+        "selfsup/tools/tsne.py",
+        (
+            (
+                "groups, cap = [np.flatnonzero(labels == c) for c in classes], per_class",
+                "groups, cap = [np.flatnonzero(labels == c) for c in classes], 0",
+            ),
+        ),
+        ("tests/tools/test_tsne.py::test_select_caps_classes_and_images_deterministically",),
+    ),
+    Mutant(
+        "svm-class-weights-swapped",
+        "selfsup/eval/svm.py",
+        (("class_weight={1: positive_weight, -1: 1.0},", "class_weight={1: 1.0, -1: positive_weight},"),),
+        ("tests/eval/test_svm.py::test_matches_an_independent_implementation_of_mmselfsup",),
+    ),
+    Mutant(
+        "svm-without-l2-normalisation",
+        "selfsup/eval/svm.py",
+        (("    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-5)", "    return x"),),
+        ("tests/eval/test_svm.py::test_rows_are_l2_normalised",),
     ),
 ]
 

@@ -31,7 +31,7 @@ def test_every_algorithm_has_a_tiny_test_setting():
     assert ALGOS and set(TINY) == set(ALGOS), "add the new algorithm's small settings to TINY in tests/conftest.py"
 
 
-@pytest.mark.parametrize("group", ["algo", "backbone", "dataset", "schedule", "launcher"])
+@pytest.mark.parametrize("group", ["algo", "backbone", "dataset", "schedule", "launcher", "bench"])
 def test_every_group_file_extends_its_schema(group):
     """conf/<group>/<name>.yaml starts from /schema/<group>/<name> (generated from its _target_'s
     constructor, or the launcher's own dataclass) or, for the schedules, /schema/schedule/base. Launchers
@@ -347,13 +347,13 @@ def _restated(raw: DictConfig, base: DictConfig, prefix: str = "") -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("group", ["algo", "backbone", "dataset", "schedule", "launcher"])
+@pytest.mark.parametrize("group", ["algo", "backbone", "dataset", "schedule", "launcher", "bench"])
 def test_group_files_state_only_what_differs_from_the_schema(group):
     from hydra.core.config_store import ConfigStore
 
     for name in options(group):
         raw = OmegaConf.load(CONF / group / f"{name}.yaml")
-        if group in ("algo", "backbone", "dataset"):
+        if group in ("algo", "backbone", "dataset", "bench"):
             sub = "model" if group == "algo" else None
             schema = OmegaConf.structured(group_schema(group, target_of(CONF / group / f"{name}.yaml", sub)))
         elif group == "launcher":

@@ -114,13 +114,24 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write a small text file (JSON, markdown, status) through a temporary file and a rename: readers
+    see the old or the new content, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: str | os.PathLike, mmap: bool = False, plain_ok: bool = False) -> dict[str, Any]:
     """Load a checkpoint on the CPU with ``weights_only=True`` (no code in a file we are given runs);
     ``mmap=True`` maps the tensors instead of reading them (to look at a large file's entries).
 
     Each way a path can be wrong is one :class:`CheckpointError` line saying what the path is: missing,
     a folder, not a torch file, a torch file of pickled Python objects, a damaged torch file, or one
-    without selfsup's ``format`` entry. (torch's advice to retry with unsafe unpickling is never passed on.)"""
+    without selfsup's ``format`` entry. (torch's advice to retry with unsafe unpickling is never passed on.)
+    ``plain_ok=True`` also accepts a plain dict of tensors (an exported backbone's state dict)."""
     import pickle
     import re
     import zipfile
@@ -173,6 +184,9 @@ def load(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
         if "weights_only" in reason:
             reason = type(e).__name__
         raise CheckpointError(f"{damaged} ({reason}); use another checkpoint of that run") from None
+    plain = isinstance(ckpt, dict) and bool(ckpt) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+    if plain_ok and plain:
+        return ckpt
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a selfsup training checkpoint (no 'format: {FORMAT}' entry)")
     return ckpt

@@ -70,6 +70,18 @@ def load_state(model: nn.Module, state: dict[str, Any], source: str, required: s
     return report
 
 
+def existing_file(path: str | os.PathLike) -> Path:
+    """``path`` if it is a file; a missing path or a folder is a :class:`CheckpointError` (checked here so
+    the message speaks of the tool's ``ckpt=`` argument, not of training's ``resume=``)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        example = next(iter(sorted(p.glob("*.pt"))), p / "last.pt")
+        raise CheckpointError(f"{p} is a folder, not a checkpoint: pass a checkpoint file (e.g. {example})")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    return p
+
+
 def config_from_checkpoint(text: str) -> TrainConfig:
     """The typed config of a run from the YAML its checkpoint carries."""
     raw = OmegaConf.create(text)

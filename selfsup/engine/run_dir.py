@@ -26,6 +26,7 @@ from functools import cache
 from pathlib import Path
 
 from selfsup import distributed
+from selfsup.engine.checkpoint import write_text_atomic
 from selfsup.errors import ConfigError
 
 log = logging.getLogger("selfsup")
@@ -151,7 +152,5 @@ def truncate_metrics(run_dir: str | os.PathLike, step: int) -> int:
         else:
             keep.append(line)
     if dropped:
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        write_text_atomic("".join(line + "\n" for line in keep), path)
     return dropped

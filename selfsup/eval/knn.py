@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from selfsup.data.datasets import ImageDataset
 from selfsup.data.views import Normalize
+from selfsup.eval.bench import BenchContext, Benchmark
 from selfsup.eval.features import extract_features
 
 
@@ -134,3 +136,38 @@ class KNNMonitor:
         return knn_accuracy(
             queries, query_labels, bank, bank_labels, self.train_set.num_classes, self.cfg.k, self.cfg.temperature
         )
+
+
+class KNNBenchmark(Benchmark):
+    """``bench=knn``: weighted cosine kNN of the frozen encoder's features (MMSelfSup's ``test_knn.py``):
+    the training split is the bank, the held-out split the queries; top-1 and top-5 for every ``k``.
+
+    Args:
+        k: numbers of neighbours (MMSelfSup: 10 20 100 200).
+        temperature: T in the vote weight exp(s / T).
+        stage: ``pooled`` (the encoder's feature) or a backbone stage (``layer3``, ``block6``, ``last``).
+    """
+
+    name = "knn"
+    headline = "top1_k20"
+
+    def __init__(self, k: list[int] = [10, 20, 100, 200], temperature: float = 0.07, stage: str = "pooled") -> None:  # noqa: B006 - Hydra passes lists
+        from selfsup.errors import ConfigError
+
+        if not k or any(int(v) < 1 for v in k):
+            raise ConfigError(f"bench.k must be a non-empty list of integers >= 1, got {list(k)}")
+        if not temperature > 0:
+            raise ConfigError(f"bench.temperature must be > 0, got {temperature}")
+        self.k, self.temperature, self.stage = [int(v) for v in k], float(temperature), stage
+        self.headline = f"top1_k{20 if 20 in self.k else self.k[0]}"  # type: ignore[misc]
+
+    def run(self, ctx: BenchContext) -> dict[str, Any]:
+        bank, bank_labels = ctx.features(ctx.train, (self.stage,))
+        queries, query_labels = ctx.features(ctx.val, (self.stage,))
+        metrics: dict[str, Any] = {}
+        for k in self.k:
+            acc = knn_accuracy(
+                queries[self.stage], query_labels, bank[self.stage], bank_labels, ctx.num_classes, k, self.temperature
+            )
+            metrics.update({f"{name}_k{k}": 100.0 * value for name, value in acc.items()})
+        return metrics

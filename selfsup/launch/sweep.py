@@ -22,6 +22,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from selfsup.engine.checkpoint import write_text_atomic
+
 STATUS_FILE = "status.json"
 FAILED = ("failed", "crashed")
 SUMMARY_FIELDS = ("member", "overrides", "status", "epochs", "final_loss", "knn_top1", "run_dir")
@@ -48,9 +50,7 @@ def write_status(run_dir: str | os.PathLike, status: str, **fields: Any) -> None
     if status in ("running", "finished"):  # an error of an earlier attempt (before a requeue) is over
         record.pop("error", None)
     record.update(fields, status=status, updated=time.strftime("%Y-%m-%d %H:%M:%S"))
-    tmp = path / f".{STATUS_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    os.replace(tmp, path / STATUS_FILE)
+    write_text_atomic(json.dumps(record, indent=1, default=str) + "\n", path / STATUS_FILE)
 
 
 def _overrides(member_dir: Path) -> list[str]:

@@ -16,11 +16,14 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def run_cli(body: Callable[[], T]) -> T:
-    """Run a tool's ``body`` with warnings-level logging; report user errors in one line and exit 2."""
+def run_cli(body: Callable[[], T], verbose: bool = False) -> T:
+    """Run a tool's ``body`` with warnings-level logging (``verbose``: selfsup's progress lines too, as
+    ``[HH:MM:SS] message``); report user errors in one line and exit 2."""
     from selfsup.train import EXIT_USER_ERROR, report, user_error
 
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    if verbose:
+        logging.getLogger("selfsup").setLevel(logging.INFO)
     try:
         return body()
     except Exception as e:

@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from selfsup.errors import CheckpointError, ConfigError
+from selfsup.errors import ConfigError
 from selfsup.tools import run_cli
 
 TOTAL = "total"
@@ -96,21 +95,9 @@ def count_config(overrides: list[str]) -> dict[str, Any]:
     return _describe(algo, "config" + (f" ({' '.join(overrides)})" if overrides else ""))
 
 
-def existing_file(path: str | os.PathLike) -> Path:
-    """``path`` if it is a file; a missing path or a folder is a :class:`CheckpointError` (checked here so
-    the message speaks of this tool's argument, not of training's ``resume=``)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        example = next(iter(sorted(p.glob("*.pt"))), p / "last.pt")
-        raise CheckpointError(f"{p} is a folder, not a checkpoint: pass a checkpoint file (e.g. {example})")
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {p} does not exist")
-    return p
-
-
 def count_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The counts of the algorithm a checkpoint holds, rebuilt from its stored config."""
-    from selfsup.engine.pretrained import load_pretrained
+    from selfsup.engine.pretrained import existing_file, load_pretrained
 
     return _describe(load_pretrained(existing_file(path)).algo, str(path))
 

@@ -93,14 +93,21 @@ def output_stem(src: Path, out: str | os.PathLike) -> Path:
 
 def publish(src: str | os.PathLike, out: str | os.PathLike) -> Published:
     """Write the published form of checkpoint ``src`` under ``out`` (see the module doc)."""
-    from selfsup.tools.count_params import existing_file
+    from selfsup.engine.pretrained import existing_file
 
     src = existing_file(src)
     stem = output_stem(src, out)
     state, dropped = slim(ckpt_io.load(src), str(src))
-    tmp = stem.with_name(f".{stem.name}.publish.tmp")
+    final, digest = write_hashed(state, stem)
+    return Published(final, digest, src.stat().st_size, final.stat().st_size, dropped)
+
+
+def write_hashed(obj: Any, stem: Path, tag: str = "publish") -> tuple[Path, str]:
+    """Write ``obj`` atomically as ``<stem>-<sha8>.pth`` (the first 8 hex digits of the file's SHA-256,
+    torch.hub's ``check_hash`` form) with the usual file permissions: (path, full SHA-256)."""
+    tmp = stem.with_name(f".{stem.name}.{tag}.tmp")
     try:
-        ckpt_io.save_atomic(state, tmp)
+        ckpt_io.save_atomic(obj, tmp)
         digest = sha256_file(tmp)
         final = stem.with_name(f"{stem.name}-{digest[:8]}.pth")
         umask = os.umask(0)
@@ -118,7 +125,7 @@ def publish(src: str | os.PathLike, out: str | os.PathLike) -> Published:
             os.fsync(fd)
         finally:
             os.close(fd)
-    return Published(final, digest, src.stat().st_size, final.stat().st_size, dropped)
+    return final, digest
 
 
 def _size(n: int) -> str:

@@ -4,6 +4,7 @@ backbone in eval mode."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
@@ -72,3 +73,38 @@ def test_trainer_knn_uses_backbone_features_of_normalised_eval_images(tmp_path):
     assert trainer.algo.training  # the trainer puts the model back in training mode
     expected = knn_accuracy(queries, val_set.labels, bank, train_set.labels, train_set.num_classes, k=5)
     assert trainer.knn() == expected
+
+
+def test_stage_features_end_in_the_backbones_own_feature():
+    """stem/layer1..layer4 (ResNet) and block1..blockN (ViT) are pooled stage outputs with the stages' widths;
+    the last stage is what the backbone itself returns (layer4 avg-pooled; the ViT's normalised CLS)."""
+    from selfsup.eval.features import stage_features, stage_names
+    from selfsup.models.resnet import ResNet
+    from selfsup.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    resnet = ResNet("resnet18").eval()
+    names = stage_names(resnet)
+    assert names == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    feats = stage_features(resnet, x, names)
+    assert [f.shape[1] for f in feats.values()] == [64, 64, 128, 256, 512]
+    torch.testing.assert_close(feats["layer4"], resnet(x))
+    assert stage_features(resnet, x, ["last"]).keys() == {"layer4"}
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2).eval()
+    assert stage_names(vit) == ["block1", "block2", "block3"]
+    feats = stage_features(vit, x, ["block1", "block3"])
+    torch.testing.assert_close(feats["block3"], vit(x))
+    assert not torch.allclose(feats["block1"], feats["block3"])
+    mean = stage_features(vit, x, ["block3"], token="mean")["block3"]
+    tokens = torch.cat([(vit.cls_token + vit.pos_embed[:, :1]).expand(3, -1, -1), vit.embed(x)], 1)
+    torch.testing.assert_close(mean, vit.norm(vit.blocks(tokens))[:, 1:].mean(1))
+
+
+def test_unknown_stage_is_one_clear_error():
+    from selfsup.errors import ConfigError
+    from selfsup.eval.features import stage_features
+    from selfsup.models.resnet import ResNet
+
+    with pytest.raises(ConfigError, match="unknown stage.*layer5.*choose from stem, layer1"):
+        stage_features(ResNet("resnet18"), torch.zeros(1, 3, 32, 32), ["layer5"])

@@ -118,3 +118,16 @@ def test_separable_toy_case_is_perfect():
     # and permuting the query labels breaks it
     acc_wrong = knn_accuracy(_t(q), torch.tensor((q_labels + 1) % c), _t(bank), torch.tensor(bank_labels), c, k=5)
     assert acc_wrong["top1"] == 0.0
+
+
+def test_one_hot_features_of_the_labels_give_100_percent_and_random_labels_chance():
+    """Known answers: features that are the one-hot label classify perfectly; labels that have nothing to do
+    with the features score about 1 / classes."""
+    gen = torch.Generator().manual_seed(0)
+    c = 10
+    bank_labels, query_labels = torch.randint(0, c, (2000,), generator=gen), torch.randint(0, c, (1000,), generator=gen)
+    bank, queries = torch.eye(c)[bank_labels], torch.eye(c)[query_labels]
+    assert knn_accuracy(queries, query_labels, bank, bank_labels, c, k=20)["top1"] == 1.0
+    noise_bank, noise_queries = torch.randn(2000, 32, generator=gen), torch.randn(1000, 32, generator=gen)
+    chance = knn_accuracy(noise_queries, query_labels, noise_bank, bank_labels, c, k=20)
+    assert abs(chance["top1"] - 1 / c) < 0.04 and abs(chance["top5"] - 5 / c) < 0.06
