@@ -26,7 +26,7 @@ install: $(STAMP) ## create .venv and install selfsup with the dev extras (pip i
 train: $(STAMP) ## default pretraining (SimCLR, ResNet-18, digits, CPU minute); extra overrides: make train ARGS="algo=odc"
 	$(BIN)/python -m selfsup.train $(ARGS)
 
-test: $(STAMP) ## the whole test suite (CPU; about 17 min on 2 cores with the SLURM cluster up, see make slurm-up)
+test: $(STAMP) ## the whole test suite (CPU; about 25 min on 2 cores with the SLURM cluster up, see make slurm-up)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP) ## the quick subset: pytest -m "not slow"

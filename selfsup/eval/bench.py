@@ -19,14 +19,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor
 
 from selfsup.data.datasets import ImageDataset
-from selfsup.eval.features import check_stages, extract_named_features, stage_features
+from selfsup.eval.features import POOLED, extract_named_features, stage_fn
 
 if TYPE_CHECKING:  # selfsup.config imports this package (KNNConfig); the encoder imports selfsup.config
     from selfsup.eval.encoder import Encoder, EvalConfig
 
 log = logging.getLogger("selfsup")
-
-POOLED = "pooled"  # the encoder's own feature (the algorithm's ``extract``), not a stage
 
 
 @dataclass
@@ -53,18 +51,7 @@ class BenchContext:
         key = (id(dataset), names, token)
         if key not in self._cache:
             enc = self.encoder
-            inner = [s for s in names if s != POOLED]
-            resolved = check_stages(enc.backbone, inner) if inner else []
-
-            def fn(x: Tensor) -> dict[str, Tensor]:
-                out: dict[str, Tensor] = {}
-                if POOLED in names:
-                    out[POOLED] = enc.extract(x)
-                if resolved:
-                    got = stage_features(enc.backbone, x, resolved, token)  # type: ignore[arg-type]
-                    out.update({name: got[stage] for name, stage in zip(inner, resolved, strict=True)})
-                return out
-
+            fn = stage_fn(enc.extract, enc.backbone, names, token)
             log.info("extracting %s features of %d images", ", ".join(names), len(dataset))
             self._cache[key] = extract_named_features(
                 fn,

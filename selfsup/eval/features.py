@@ -18,6 +18,7 @@ from selfsup.data.views import MultiViewDataset, Normalize
 from selfsup.errors import ConfigError
 
 RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # MMSelfSup's feat1 .. feat5
+POOLED = "pooled"  # the encoder's own feature (the algorithm's ``extract``), not a stage
 
 
 def stage_names(backbone: nn.Module) -> list[str]:
@@ -75,6 +76,32 @@ def stage_features(
         if len(out) == len(wanted):
             break
     return out
+
+
+def stage_fn(
+    extract: Callable[[Tensor], Tensor], backbone: nn.Module, stages: Sequence[str], token: str = "cls"
+) -> Callable[[Tensor], dict[str, Tensor]]:
+    """``x -> {stage: [B, D]}``: ``pooled`` is ``extract`` (the encoder's feature), other names are
+    backbone stages (:func:`~selfsup.eval.features.stage_features`; ``last`` = the final stage)."""
+    names = list(stages)
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"stages must name each stage once, got {names}")
+    inner = [s for s in names if s != POOLED]
+    resolved = check_stages(backbone, inner) if inner else []
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError(f"stages={names} names the same stage twice (last is {resolved[-1]})")
+    rename = dict(zip(resolved, inner, strict=True))
+
+    def fn(x: Tensor) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        if POOLED in names:
+            out[POOLED] = extract(x)
+        if resolved:
+            got = stage_features(backbone, x, resolved, token)  # type: ignore[arg-type]
+            out.update({rename[k]: v for k, v in got.items()})
+        return out
+
+    return fn
 
 
 @torch.no_grad()

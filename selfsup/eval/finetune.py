@@ -41,8 +41,8 @@ from selfsup.eval.supervised import (
     FineTuneClassifier,
     TrainRecipe,
     check_options,
-    evaluate,
-    fit,
+    evaluate_on_val,
+    fit_on_train,
     layer_decay_mults,
     require_single_process,
     train_transform,
@@ -202,21 +202,14 @@ class FineTuneBenchmark(Benchmark):
         require_single_process(self.name)
         model, mults = self.build_model(ctx)
         self.model = model
-        enc = ctx.encoder
         recipe = replace(self.recipe, lr_mults=mults)
-        fit(
+        fit_on_train(
+            ctx,
             model,
-            ctx.train,
             range(len(ctx.train)),
             recipe,
-            transform=train_transform(ctx.train.image_size, self.crop_scale, self.hflip),
-            normalize=enc.normalize(ctx.train),
-            autocast=enc.autocast,
-            fp16=enc.precision == "fp16",
-            seed=ctx.cfg.seed,
-            num_workers=ctx.cfg.num_workers,
-            num_classes=ctx.num_classes,
-            tag="finetune",
+            train_transform(ctx.train.image_size, self.crop_scale, self.hflip),
+            "finetune",
         )
-        result = evaluate(model, ctx.val, enc.normalize(ctx.val), ctx.cfg.batch_size, ctx.cfg.num_workers, enc.autocast)
+        result = evaluate_on_val(ctx, model)
         return dict(result[model.name])

@@ -55,17 +55,17 @@ from torch import Tensor, nn
 
 from selfsup.errors import ConfigError, TrainingDiverged
 from selfsup.eval.bench import BenchContext, Benchmark
+from selfsup.eval.features import stage_fn
 from selfsup.eval.supervised import (
     POOLED,
     FrozenProbe,
     TrainRecipe,
     accuracy,
     check_options,
-    evaluate,
-    fit,
+    evaluate_on_val,
+    fit_on_train,
     make_optimizer,
     require_single_process,
-    stage_fn,
     train_transform,
 )
 
@@ -318,18 +318,12 @@ class LinearBenchmark(Benchmark):
         torch.manual_seed(ctx.cfg.seed)
         model = FrozenProbe(features, {s: dims[s] for s in self.stages}, ctx.num_classes, head_bn).to(enc.device)
         self.model = model
-        fit(
+        fit_on_train(
+            ctx,
             model,
-            ctx.train,
             range(len(ctx.train)),
             recipe,
-            transform=train_transform(size, self.crop_scale, self.hflip),
-            normalize=enc.normalize(ctx.train),
-            autocast=enc.autocast,
-            fp16=enc.precision == "fp16",
-            seed=ctx.cfg.seed,
-            num_workers=ctx.cfg.num_workers,
-            num_classes=ctx.num_classes,
-            tag=f"linear ({name} recipe)",
+            train_transform(size, self.crop_scale, self.hflip),
+            f"linear ({name} recipe)",
         )
-        return evaluate(model, ctx.val, enc.normalize(ctx.val), ctx.cfg.batch_size, ctx.cfg.num_workers, enc.autocast)
+        return evaluate_on_val(ctx, model)

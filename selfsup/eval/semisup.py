@@ -44,8 +44,8 @@ from selfsup.eval.supervised import (
     FineTuneClassifier,
     TrainRecipe,
     check_options,
-    evaluate,
-    fit,
+    evaluate_on_val,
+    fit_on_train,
     require_single_process,
     train_transform,
 )
@@ -248,26 +248,11 @@ class SemiSupervisedBenchmark(Benchmark):
                     torch.manual_seed(ctx.cfg.seed)
                     model = FineTuneClassifier(trainable_copy(enc), ctx.num_classes).to(enc.device)
                     try:
-                        fit(
-                            model,
-                            ctx.train,
-                            index.tolist(),
-                            recipe,
-                            transform=transform,
-                            normalize=enc.normalize(ctx.train),
-                            autocast=enc.autocast,
-                            fp16=enc.precision == "fp16",
-                            seed=ctx.cfg.seed,
-                            num_workers=ctx.cfg.num_workers,
-                            num_classes=ctx.num_classes,
-                            tag=f"semisup {name} {point}",
-                        )
+                        fit_on_train(ctx, model, index.tolist(), recipe, transform, f"semisup {name} {point}")
                     except TrainingDiverged as e:
                         log.warning("semisup %s %s diverged, left out of the grid: %s", name, point, e)
                         continue
-                    acc = evaluate(
-                        model, ctx.val, enc.normalize(ctx.val), ctx.cfg.batch_size, ctx.cfg.num_workers, enc.autocast
-                    )[model.name]["top1"]
+                    acc = evaluate_on_val(ctx, model)[model.name]["top1"]
                     grid[(lr, mult)] = acc
                     metrics[f"top1_{name}_{point}"] = acc
                     log.info("semisup %s %s: top-1 %.2f", name, point, acc)

@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +37,17 @@ from torchvision.transforms import v2
 from selfsup import distributed
 from selfsup.data.datasets import ImageDataset
 from selfsup.data.loader import SeededSampler, SeededViews
-from selfsup.data.views import MultiViewDataset, Normalize, ViewConfig, build_view_transform
+from selfsup.data.views import Normalize, ViewConfig, build_view_transform
 from selfsup.engine.optim import OptimizerConfig, ParamOverride, build_optimizer, scaled_lr
 from selfsup.engine.schedules import LRFactor
 from selfsup.errors import ConfigError, TrainingDiverged
-from selfsup.eval.features import check_stages, stage_features
+from selfsup.eval.features import POOLED, extract_named_features
+
+if TYPE_CHECKING:
+    from selfsup.eval.bench import BenchContext
 
 log = logging.getLogger("selfsup")
 
-POOLED = "pooled"  # the encoder's own feature (as in selfsup.eval.bench)
 OPTIMIZERS = ("sgd", "adamw", "lars")
 POLICIES = ("cosine", "step")
 
@@ -146,32 +148,6 @@ class LinearHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.bn(x.float()))
-
-
-def stage_fn(
-    extract: Callable[[Tensor], Tensor], backbone: nn.Module, stages: Sequence[str], token: str = "cls"
-) -> Callable[[Tensor], dict[str, Tensor]]:
-    """``x -> {stage: [B, D]}``: ``pooled`` is ``extract`` (the encoder's feature), other names are
-    backbone stages (:func:`~selfsup.eval.features.stage_features`; ``last`` = the final stage)."""
-    names = list(stages)
-    if not names or len(set(names)) != len(names):
-        raise ConfigError(f"bench.stages must name each stage once, got {names}")
-    inner = [s for s in names if s != POOLED]
-    resolved = check_stages(backbone, inner) if inner else []
-    if len(set(resolved)) != len(resolved):
-        raise ConfigError(f"bench.stages={names} names the same stage twice (last is {resolved[-1]})")
-    rename = dict(zip(resolved, inner, strict=True))
-
-    def fn(x: Tensor) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        if POOLED in names:
-            out[POOLED] = extract(x)
-        if resolved:
-            got = stage_features(backbone, x, resolved, token)  # type: ignore[arg-type]
-            out.update({rename[k]: v for k, v in got.items()})
-        return out
-
-    return fn
 
 
 class FrozenProbe(nn.Module):
@@ -422,20 +398,10 @@ def predict(
 ) -> tuple[dict[str, Tensor], Tensor]:
     """({head: logits [N, C]}, labels [N]) of ``model`` in eval mode on ``dataset`` (deterministic eval
     transform, in order)."""
-    model.eval()
-    views = MultiViewDataset(dataset, [dataset.eval_transform()])
-    loader = DataLoader(views, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    logits: dict[str, list[Tensor]] = {}
-    labels: list[Tensor] = []
-    for item in loader:
-        with autocast() if autocast is not None else nullcontext():
-            out = model(normalize(item["views"][0]))
-        for name, value in out.items():
-            logits.setdefault(name, []).append(value.float())
-        labels.append(item["label"])
-    if not labels:
+    if len(dataset) == 0:
         raise ConfigError("cannot evaluate on an empty held-out split")
-    return {k: torch.cat(v) for k, v in logits.items()}, torch.cat(labels)
+    model.eval()
+    return extract_named_features(model, dataset, normalize, batch_size, num_workers, autocast)
 
 
 def evaluate(
@@ -449,3 +415,31 @@ def evaluate(
     """{head: {"top1": %, "top5": %}} of ``model`` on ``dataset`` (the held-out split)."""
     logits, labels = predict(model, dataset, normalize, batch_size, num_workers, autocast)
     return {name: accuracy(value, labels, dataset.num_classes) for name, value in logits.items()}
+
+
+def fit_on_train(
+    ctx: BenchContext, model: nn.Module, indices: Sequence[int], recipe: TrainRecipe, transform: Callable, tag: str
+) -> FitResult:
+    """:func:`fit` on the items ``indices`` of the benchmark's training split, with the encoder's device,
+    normalisation and precision and the run's seed and workers."""
+    enc = ctx.encoder
+    return fit(
+        model,
+        ctx.train,
+        indices,
+        recipe,
+        transform=transform,
+        normalize=enc.normalize(ctx.train),
+        autocast=enc.autocast,
+        fp16=enc.precision == "fp16",
+        seed=ctx.cfg.seed,
+        num_workers=ctx.cfg.num_workers,
+        num_classes=ctx.num_classes,
+        tag=tag,
+    )
+
+
+def evaluate_on_val(ctx: BenchContext, model: nn.Module) -> dict[str, dict[str, float]]:
+    """:func:`evaluate` on the benchmark's held-out split."""
+    enc = ctx.encoder
+    return evaluate(model, ctx.val, enc.normalize(ctx.val), ctx.cfg.batch_size, ctx.cfg.num_workers, enc.autocast)

@@ -23,14 +23,7 @@ from selfsup.models.vit import VisionTransformer
 FAKE = ["dataset=fake", "dataset.num_samples=64", "dataset.image_size=32", "dataset.num_classes=8"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (on a busy 2-core machine the probe tests
-    took 60 s with torch's 2 threads, 0.8 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_ctx(ckpt, out, *overrides: str) -> BenchContext:

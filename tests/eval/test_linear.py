@@ -22,14 +22,7 @@ from selfsup.eval.linear import LinearBenchmark, fit_feature_probe, probe_accura
 FAKE = ["dataset=fake", "dataset.num_samples=64", "dataset.image_size=32", "dataset.num_classes=8"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (on a busy 2-core machine the probe tests
-    took 60 s with torch's 2 threads, 0.8 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST_RECIPE = LinearBenchmark().resolve("fast")[0]
@@ -131,7 +124,7 @@ def test_protocol_heads_per_stage_and_the_backbone_stays_frozen(protocol_ctx, mo
     ctx = protocol_ctx
     before = {k: v.clone() for k, v in ctx.encoder.backbone.state_dict().items()}
     loaders, heads = [], {}
-    real_loader, real_fit = supervised.training_loader, linear.fit
+    real_loader, real_fit = supervised.training_loader, supervised.fit
 
     def loader_spy(dataset, indices, *args, **kwargs):
         loaders.append((dataset, list(indices)))
@@ -144,7 +137,7 @@ def test_protocol_heads_per_stage_and_the_backbone_stays_frozen(protocol_ctx, mo
         return out
 
     monkeypatch.setattr(supervised, "training_loader", loader_spy)
-    monkeypatch.setattr(linear, "fit", fit_spy)
+    monkeypatch.setattr(supervised, "fit", fit_spy)
     bench = LinearBenchmark(mode="protocol", stages=["pooled", "layer3"], epochs=2, batch_size=16)
     metrics = bench.run(ctx)
     assert set(metrics) == {"top1_pooled", "top5_pooled", "top1_layer3", "top5_layer3"}

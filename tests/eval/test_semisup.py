@@ -6,7 +6,6 @@ import hashlib
 
 import numpy as np
 import pytest
-import torch
 
 from selfsup.benchmark import BenchmarkConfig, main, run
 from selfsup.config import compose_tool
@@ -19,14 +18,7 @@ from selfsup.eval.semisup import SemiSupervisedBenchmark, labelled_subset, read_
 FAKE = ["dataset=fake", "dataset.num_samples=64", "dataset.image_size=32", "dataset.num_classes=8"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (on a busy 2-core machine the probe tests
-    took 60 s with torch's 2 threads, 0.8 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
