@@ -48,7 +48,10 @@ MUTANTS = [
         "features-without-normalisation",
         "selfsup/eval/features.py",
         (('out = fn(normalize(batch["views"][0]))', 'out = fn(batch["views"][0].float())'),),
-        ("tests/eval/test_features.py",),
+        (
+            "tests/eval/test_features.py::test_extract_features_uses_eval_transform_and_normalisation",
+            "tests/eval/test_features.py::test_trainer_knn_uses_backbone_features_of_normalised_eval_images",
+        ),
     ),
     Mutant(
         "features-in-train-mode",
