@@ -45,7 +45,9 @@ def _slurm_problem() -> str | None:
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"sinfo failed: {e}"
     states = proc.stdout.split()
-    if proc.returncode != 0 or not any(s.rstrip("*~#") in ("idle", "mixed", "allocated") for s in states):
+    # "completing": a node still cleaning up after the previous test's job; it takes the next one (queued)
+    up = ("idle", "mixed", "allocated", "completing")
+    if proc.returncode != 0 or not any(s.rstrip("*~#") in up for s in states):
         reply = " ".join((proc.stdout + proc.stderr).split())[:200] or "nothing"
         return f"no SLURM node is up (sinfo -h -o %T says: {reply})"
     return None
