@@ -59,6 +59,36 @@ TINY: dict[str, list[str]] = {
         "backbone.num_heads=2",
         "backbone.patch_size=8",
     ],
+    # issue 10's zoo: each helper owns its own line(s) below
+    "relative-loc": ["algo.model.hidden_dim=64", "algo.views.0.size=36", "algo.views.0.grid.patch_size=10"],
+    "rotation-pred": [],
+    "deepcluster": ["algo.model.num_clusters=4", "algo.model.pca_dim=8"],
+    "npid": ["algo.model.feat_dim=16", "algo.model.num_negatives=32", "algo.model.temperature=0.5"],
+    "mocov1": ["algo.model.out_dim=32", "algo.model.queue_size=64"],
+    "mocov2": ["algo.model.hidden_dim=64", "algo.model.out_dim=32", "algo.model.queue_size=64"],
+    "mocov3": ["algo.model.hidden_dim=64", "algo.model.out_dim=32"],
+    "densecl": ["algo.model.hidden_dim=64", "algo.model.out_dim=32", "algo.model.queue_size=64"],
+    "simsiam": ["algo.model.hidden_dim=64", "algo.model.out_dim=64", "algo.model.pred_hidden_dim=32"],
+    "barlowtwins": ["algo.model.hidden_dim=64", "algo.model.out_dim=64"],
+    "swav": [
+        "algo.model.num_prototypes=16",
+        "algo.model.hidden_dim=64",
+        "algo.model.out_dim=32",
+        "algo.views.1.copies=2",
+        "algo.views.1.size=16",
+        "algo.model.queue_length=32",
+        "algo.model.queue_start_epoch=0",
+        "algo.model.freeze_prototypes_iters=2",
+    ],
+    "vicreg": ["algo.model.hidden_dim=64", "algo.model.out_dim=64"],
+    "dino": [
+        "algo.model.out_dim=128",
+        "algo.model.hidden_dim=64",
+        "algo.model.bottleneck_dim=32",
+        "algo.views.2.copies=2",
+        "algo.views.2.size=16",
+        "algo.model.momentum.start=0.9",  # a teacher that moves within 30 steps (0.996: ~1,000 steps)
+    ],
 }
 VIT_ALGOS = {"mae"}  # algorithms that need a ViT backbone (the others get a ResNet-18)
 

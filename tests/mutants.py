@@ -363,6 +363,277 @@ MUTANTS = [
         (("    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-5)", "    return x"),),
         ("tests/eval/test_svm.py::test_rows_are_l2_normalised",),
     ),
+    # ------------------------------------------------------------------------------ issue 10: the zoo
+    Mutant(
+        "relative-loc-pair-is-neighbour-then-centre",
+        "selfsup/algorithms/relative_loc.py",
+        (
+            (
+                "torch.cat([centre.expand_as(neighbours), neighbours], dim=2)",
+                "torch.cat([neighbours, centre.expand_as(neighbours)], dim=2)",
+            ),
+        ),
+        (
+            "tests/algorithms/test_relative_loc.py::"
+            "test_loss_is_the_cross_entropy_of_the_centre_neighbour_pair_classifier[grid-targets]",
+            "tests/algorithms/test_relative_loc.py::"
+            "test_targets_follow_the_grid_layout_and_the_pair_is_centre_then_neighbour",
+        ),
+    ),
+    Mutant(
+        "relative-loc-labels-image-major",
+        "selfsup/algorithms/relative_loc.py",
+        (("labels = targets[:, NEIGHBOURS].T.reshape(-1)", "labels = targets[:, NEIGHBOURS].reshape(-1)"),),
+        (
+            "tests/algorithms/test_relative_loc.py::"
+            "test_loss_is_the_cross_entropy_of_the_centre_neighbour_pair_classifier[shuffled-targets]",
+            "tests/algorithms/test_relative_loc.py::"
+            "test_targets_follow_the_grid_layout_and_the_pair_is_centre_then_neighbour",
+        ),
+    ),
+    Mutant(
+        "rotation-pred-labels-image-major",
+        "selfsup/algorithms/rotation_pred.py",
+        (("labels = targets.T.reshape(-1)", "labels = targets.reshape(-1)"),),
+        (
+            "tests/algorithms/test_rotation_pred.py::test_loss_is_the_cross_entropy_of_the_rotation_classifier",
+            "tests/algorithms/test_rotation_pred.py::test_targets_align_with_the_rotated_images_in_one_backbone_pass",
+        ),
+    ),
+    Mutant(
+        "rotation-pred-backbone-detached",
+        "selfsup/algorithms/rotation_pred.py",
+        (
+            (
+                "logits = self.head(self.backbone(torch.cat(views)))",
+                "logits = self.head(self.backbone(torch.cat(views)).detach())",
+            ),
+        ),
+        ("tests/algorithms/test_rotation_pred.py::test_gradients_reach_backbone_and_head",),
+    ),
+    Mutant(
+        "moco-queue-updated-before-the-loss",
+        "selfsup/algorithms/moco.py",
+        (
+            (
+                "        loss = self.loss_fn(q, k, self.queue())\n        self.queue.enqueue(k)",
+                "        self.queue.enqueue(k)\n        loss = self.loss_fn(q, k, self.queue())",
+            ),
+        ),
+        (
+            "tests/algorithms/test_moco.py::test_loss_uses_the_queue_of_older_keys_then_enqueues_the_new_ones_in_batch_order",
+        ),
+    ),
+    Mutant(
+        "moco-momentum-update-every-micro-batch",
+        "selfsup/algorithms/moco.py",
+        (("            self._key_update_due = False\n", ""),),
+        ("tests/algorithms/test_moco.py::test_momentum_update_runs_once_per_step_before_the_keys",),
+    ),
+    Mutant(
+        "infonce-logits-times-temperature",
+        "selfsup/losses/infonce.py",
+        (
+            (
+                "torch.cat([positive, negative], dim=1) / self.temperature",
+                "torch.cat([positive, negative], dim=1) * self.temperature",
+            ),
+        ),
+        (
+            "tests/losses/test_infonce.py::test_shared_negatives_match_the_formula[0-0.07]",
+            "tests/losses/test_infonce.py::test_the_positive_is_the_row_paired_key_at_index_zero",
+        ),
+    ),
+    Mutant(
+        "split-batchnorm-running-stats-of-the-last-group",
+        "selfsup/models/split_batchnorm.py",
+        (
+            ("self.running_mean.copy_(torch.stack(means).mean(0))", "self.running_mean.copy_(means[-1])"),
+            ("self.running_var.copy_(torch.stack(variances).mean(0))", "self.running_var.copy_(variances[-1])"),
+        ),
+        ("tests/algorithms/test_moco.py::test_split_batchnorm_is_batchnorm_on_each_group",),
+    ),
+    Mutant(
+        "densecl-matched-on-the-projections",
+        "selfsup/algorithms/densecl.py",
+        (
+            (
+                "match = dense_correspondence(feature_map.flatten(2), key_features)",
+                "match = dense_correspondence(r_q, r_k)",
+            ),
+        ),
+        ("tests/algorithms/test_densecl.py::test_losses_queues_and_correspondence_follow_the_paper",),
+    ),
+    Mutant(
+        "densecl-global-loss-not-weighted",
+        "selfsup/algorithms/densecl.py",
+        (('"loss": (1 - lam) * loss_global + lam * loss_dense', '"loss": loss_global + lam * loss_dense'),),
+        (
+            "tests/algorithms/test_densecl.py::test_losses_queues_and_correspondence_follow_the_paper",
+            "tests/algorithms/test_densecl.py::test_lambda_is_zero_before_start_iters_and_survives_resume",
+        ),
+    ),
+    Mutant(
+        "mocov3-keys-of-the-same-view",
+        "selfsup/algorithms/mocov3.py",
+        (("self.loss_fn(q1, k2) + self.loss_fn(q2, k1)", "self.loss_fn(q1, k1) + self.loss_fn(q2, k2)"),),
+        (
+            "tests/algorithms/test_mocov3.py::"
+            "test_loss_is_the_symmetric_contrastive_loss_with_keys_of_the_other_view[resnet]",
+        ),
+    ),
+    Mutant(
+        "mocov3-labels-not-offset-by-rank",
+        "selfsup/losses/mocov3_contrastive.py",
+        (
+            (
+                "k, offset = distributed.all_gather(k), distributed.get_rank() * n",
+                "k, offset = distributed.all_gather(k), 0",
+            ),
+        ),
+        ("tests/losses/test_mocov3_loss.py::test_keys_of_other_ranks_are_negatives_and_labels_are_offset_by_rank",),
+    ),
+    Mutant(
+        "dino-center-updated-with-student-outputs",
+        "selfsup/algorithms/dino.py",
+        (("self.update_center(teacher)", "self.update_center(torch.cat(student[:g]))"),),
+        (
+            "tests/algorithms/test_dino.py::"
+            "test_loss_is_dino_loss_over_the_crops_and_the_center_follows_the_raw_teacher_outputs[resnet]",
+        ),
+    ),
+    Mutant(
+        "dino-teacher-not-centred",
+        "selfsup/losses/dino.py",
+        (
+            (
+                "F.softmax((t.detach().float() - c) / teacher_temp, dim=1)",
+                "F.softmax(t.detach().float() / teacher_temp, dim=1)",
+            ),
+        ),
+        (
+            "tests/losses/test_dino_loss.py::test_matches_the_float64_formula_over_pairs_of_different_crops[0-4-0.04]",
+            "tests/losses/test_dino_loss.py::test_center_and_temperatures_matter_and_a_tensor_temperature_works",
+        ),
+    ),
+    Mutant(
+        "simsiam-no-stop-gradient",
+        "selfsup/losses/simsiam.py",
+        (("F.normalize(target.detach().to(dtype)", "F.normalize(target.to(dtype)"),),
+        (
+            "tests/algorithms/test_simsiam.py::test_stop_gradient_on_the_projections",
+            "tests/losses/test_simsiam_loss.py::test_gradient_flows_into_the_prediction_only",
+        ),
+    ),
+    Mutant(
+        "simsiam-pairs-the-same-view",
+        "selfsup/algorithms/simsiam.py",
+        (
+            (
+                "self.loss_fn(p1, z2) / 2 + self.loss_fn(p2, z1) / 2",
+                "self.loss_fn(p1, z1) / 2 + self.loss_fn(p2, z2) / 2",
+            ),
+        ),
+        (
+            "tests/algorithms/test_simsiam.py::"
+            "test_loss_is_the_symmetric_negative_cosine_of_prediction_and_other_views_projection",
+        ),
+    ),
+    Mutant(
+        "barlowtwins-c-not-divided-by-the-batch",
+        "selfsup/losses/barlowtwins.py",
+        (
+            (
+                "c = self.standardize(z1).T @ self.standardize(z2) / n",
+                "c = self.standardize(z1).T @ self.standardize(z2)",
+            ),
+        ),
+        (
+            "tests/losses/test_barlowtwins_loss.py::test_matches_the_loop_reference[0]",
+            "tests/algorithms/test_barlowtwins.py::test_loss_is_the_cross_correlation_loss_of_the_two_views_projections",
+        ),
+    ),
+    Mutant(
+        "barlowtwins-statistics-of-the-local-batch",
+        "selfsup/losses/barlowtwins.py",
+        (("            if self.gather_distributed:", "            if False:"),),
+        ("tests/losses/test_barlowtwins_loss.py::test_on_rank_1_of_2_statistics_and_c_are_over_the_gathered_batch",),
+    ),
+    Mutant(
+        "swav-sinkhorn-without-the-global-sum",
+        "selfsup/algorithms/swav.py",
+        (
+            (
+                "q /= distributed.all_reduce_(q.sum(dim=1, keepdim=True))",
+                "q /= q.sum(dim=1, keepdim=True)",
+            ),
+        ),
+        ("tests/algorithms/test_swav.py::test_sinkhorn_on_two_ranks_gives_the_codes_of_the_global_batch",),
+    ),
+    Mutant(
+        "swav-codes-of-the-queue-rows",
+        "selfsup/algorithms/swav.py",
+        (("self.sinkhorn_iterations)[-z.shape[1] :]", "self.sinkhorn_iterations)[: z.shape[1]]"),),
+        ("tests/algorithms/test_swav.py::test_queue_enters_the_codes_once_full",),
+    ),
+    Mutant(
+        "vicreg-covariance-not-centred",
+        "selfsup/losses/vicreg.py",
+        (("zc = z - z.mean(dim=0)", "zc = z"),),
+        (
+            "tests/losses/test_vicreg_loss.py::test_matches_the_loop_reference[0]",
+            "tests/algorithms/test_vicreg.py::test_loss_and_logged_terms_on_the_two_views_embeddings",
+        ),
+    ),
+    Mutant(
+        "vicreg-statistics-of-the-local-batch",
+        "selfsup/losses/vicreg.py",
+        (("            if self.gather_distributed:", "            if False:"),),
+        ("tests/losses/test_vicreg_loss.py::test_on_rank_1_of_2_variance_and_covariance_are_over_the_gathered_batch",),
+    ),
+    Mutant(
+        "deepcluster-pca-without-whitening",
+        "selfsup/algorithms/deepcluster.py",
+        (("return mean, eigenvectors * scale", "return mean, eigenvectors"),),
+        (
+            "tests/algorithms/test_deepcluster.py::test_pca_whitening_gives_identity_covariance_along_the_top_principal_axes",
+        ),
+    ),
+    Mutant(
+        "deepcluster-head-init-not-seeded",
+        "selfsup/algorithms/deepcluster.py",
+        ((".normal_(0.0, HEAD_STD, generator=gen)", ".normal_(0.0, HEAD_STD)"),),
+        ("tests/algorithms/test_deepcluster.py::test_head_is_reinitialised_each_epoch_but_not_on_a_mid_epoch_resume",),
+    ),
+    Mutant(
+        "deepcluster-sobel-twice-dx",
+        "selfsup/algorithms/deepcluster.py",
+        (("torch.stack([dx, dy])[:, None]", "torch.stack([dx, dx])[:, None]"),),
+        ("tests/algorithms/test_deepcluster.py::test_sobel_input_is_grey_edges_into_a_two_channel_conv1",),
+    ),
+    Mutant(
+        "npid-negatives-drawn-per-rank",
+        "selfsup/algorithms/npid.py",
+        (
+            (
+                "neg = memory.sample_negatives(self.num_negatives, b * world)",
+                "neg = memory.sample_negatives(self.num_negatives, b).repeat(world, 1)",
+            ),
+        ),
+        ("tests/algorithms/test_npid.py::test_negatives_are_this_ranks_rows_of_one_draw_for_the_global_batch",),
+    ),
+    Mutant(
+        "npid-nce-mean-over-negatives",
+        "selfsup/losses/npid.py",
+        (("log_not_h_neg.sum(dim=1)", "log_not_h_neg.mean(dim=1)"),),
+        ("tests/losses/test_npid_loss.py::test_nce_matches_the_float64_reference[0-per-row-negatives]",),
+    ),
+    Mutant(
+        "npid-nce-noise-without-m",
+        "selfsup/losses/npid.py",
+        (("math.log(neg.shape[1] / self.num_samples)", "math.log(1 / self.num_samples)"),),
+        ("tests/losses/test_npid_loss.py::test_nce_matches_the_float64_reference[0-per-row-negatives]",),
+    ),
 ]
 
 

@@ -8,7 +8,9 @@ its hooks, in this order::
     on_train_start(ctx)                   once, before the first step (ODC's initial k-means); a no-op
                                           when the state came from a checkpoint
     for each epoch:
-        on_epoch_start(ctx)               (DeepCluster re-clusters every epoch)
+        on_epoch_start(ctx)               (DeepCluster re-clusters every epoch; also called when a run
+                                          resumes in the middle of the epoch)
+        epoch_indices(epoch, seed)        the epoch's sample order, None = a seeded permutation
         for each step:
             forward(batch) -> loss; backward
             before_optimizer_step(state)  gradients are final (unscaled, clipped): SwAV freezes its
@@ -84,6 +86,15 @@ class Algorithm(nn.Module):
 
     def on_epoch_start(self, ctx: TrainContext) -> None:  # noqa: B027 - optional hook
         """Work at the start of every epoch (``ctx.state.epoch`` epochs are done)."""
+
+    def epoch_indices(self, epoch: int, seed: int) -> Tensor | None:
+        """The order in which this epoch visits the training images, or None (default): the loader's
+        seeded permutation. Called right after ``on_epoch_start``. Otherwise a 1-D int64 CPU tensor of
+        ``num_samples`` dataset indices (repeats allowed: DeepCluster samples uniformly over clusters),
+        identical on every rank (derive it from registered state and a generator seeded from
+        ``(seed, epoch)``); the loader drops the tail to a multiple of the world size and gives rank r
+        the positions r, r + world, ... as DistributedSampler does."""
+        return None
 
     def before_optimizer_step(self, state: TrainState) -> None:  # noqa: B027 - optional hook
         """Edit gradients after backward (unscaled, clipped) and before the optimizer step."""

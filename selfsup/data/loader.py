@@ -41,19 +41,41 @@ class LoaderConfig:
 class SeededSampler(DistributedSampler):
     """DistributedSampler (shuffle by seed + epoch, drop the tail so every rank gets the same
     number of distinct images) that also hands each item its own augmentation seed. ``start`` skips
-    the first items of this rank's share of the epoch (a run resumed in the middle of an epoch)."""
+    the first items of this rank's share of the epoch (a run resumed in the middle of an epoch).
 
-    def __init__(self, *args: Any, start: int = 0, **kwargs: Any) -> None:
+    An algorithm may give the epoch's order itself (``order``, :meth:`Algorithm.epoch_indices`: N dataset
+    indices, repeats allowed): it replaces the permutation, is sharded the same way (tail dropped to a
+    multiple of the world size, rank r takes positions r, r + world, ...), and the item at global position
+    p is seeded by (seed, epoch, p), so an image drawn twice in one epoch gets two different views."""
+
+    def __init__(self, *args: Any, start: int = 0, order: torch.Tensor | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.start = start
+        if order is not None:
+            n = len(self.dataset)  # type: ignore[arg-type]
+            if order.dim() != 1 or order.dtype != torch.long or len(order) != n:
+                raise ValueError(
+                    f"an epoch order must be a 1-D int64 tensor of {n} dataset indices (one per training image), "
+                    f"got shape {tuple(order.shape)} and dtype {order.dtype}"
+                )
+            if n and (int(order.min()) < 0 or int(order.max()) >= n):
+                raise ValueError(f"an epoch order holds indices outside [0, {n})")
+        self.order = order
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.start)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
-        for i in itertools.islice(super().__iter__(), self.start, None):
-            yield i, (base + i) % 2**63
+        if self.order is None:
+            for i in itertools.islice(super().__iter__(), self.start, None):
+                yield i, (base + i) % 2**63
+            return
+        total = self.num_samples * self.num_replicas  # drop_last: a multiple of the world size
+        positions = range(self.rank, total, self.num_replicas)
+        order = self.order.tolist()
+        for p in itertools.islice(positions, self.start, None):
+            yield order[p], (base + (p + 1) * 1_000_000_007 + order[p]) % 2**63
 
 
 class SeededViews(MultiViewDataset):
@@ -88,9 +110,11 @@ def train_loader(
     workers: int,
     device: torch.device,
     skip_batches: int = 0,
+    order: torch.Tensor | None = None,
 ) -> DataLoader:
-    """The loader of ``epoch``: this rank's shard of a seeded permutation, whole batches only, from
-    batch ``skip_batches`` on (the same batches and views an uninterrupted epoch would have had)."""
+    """The loader of ``epoch``: this rank's shard of a seeded permutation (or of the algorithm's
+    ``order``), whole batches only, from batch ``skip_batches`` on (the same batches and views an
+    uninterrupted epoch would have had)."""
     sampler = SeededSampler(
         views,
         num_replicas=world_size,
@@ -99,6 +123,7 @@ def train_loader(
         seed=seed,
         drop_last=True,
         start=skip_batches * batch_size,
+        order=order,
     )
     sampler.set_epoch(epoch)
     return DataLoader(

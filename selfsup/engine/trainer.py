@@ -329,7 +329,7 @@ class Trainer:
         return self.checkpoints.save(self.state.epoch, self.state.step, final, extra, epoch_end=epoch_end)
 
     # ------------------------------------------------------------------ training
-    def _loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
+    def _loader(self, epoch: int, skip_batches: int = 0, order: Tensor | None = None) -> DataLoader:
         c = self.cfg
         return train_loader(
             self.train_views,
@@ -342,6 +342,7 @@ class Trainer:
             self.num_workers,
             self.device,
             skip_batches,
+            order,
         )
 
     def _check_finite(self, loss: float) -> None:
@@ -424,6 +425,7 @@ class Trainer:
         done = self.state.step - self.state.epoch * steps_per_epoch  # steps of this epoch already taken
         self.model.train()
         self.algo.on_epoch_start(self)
+        order = self.algo.epoch_indices(self.state.epoch, self.seed)
         progress.start(self.state.epoch, self.state.epochs, steps_per_epoch, done)
         loss_sum = torch.zeros((), device=self.device)
         epoch_sum = torch.zeros((), device=self.device)
@@ -432,7 +434,7 @@ class Trainer:
         t_window = t_epoch = t_ready = time.perf_counter()
         data_time = 0.0
         micro_limit = (steps_per_epoch - done) * acc
-        for i, batch in enumerate(self._loader(self.state.epoch, done * acc)):
+        for i, batch in enumerate(self._loader(self.state.epoch, done * acc, order)):
             if i >= micro_limit:
                 break
             data_time += time.perf_counter() - t_ready  # waiting for the loader

@@ -155,3 +155,14 @@ def extract_named_features(
     if not feats:
         raise ValueError("cannot extract features of an empty dataset")
     return feats, labels
+
+
+def top_k_accuracy(scores: Tensor, labels: Tensor, num_classes: int) -> dict[str, float]:
+    """Fraction of rows whose label has the highest score (``top1``) and, with more than 5 classes, is
+    among the 5 highest (``top5``): the metric of kNN, the linear probe, fine-tuning."""
+    labels = labels.to(scores.device)
+    ranked = scores.float().topk(min(5, scores.shape[1]), dim=1).indices
+    out = {"top1": (ranked[:, 0] == labels).float().mean().item()}
+    if num_classes > 5:
+        out["top5"] = (ranked == labels[:, None]).any(dim=1).float().mean().item()
+    return out

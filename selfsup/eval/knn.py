@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from selfsup.data.datasets import ImageDataset
 from selfsup.data.views import Normalize
 from selfsup.eval.bench import BenchContext, Benchmark
-from selfsup.eval.features import extract_features
+from selfsup.eval.features import extract_features, top_k_accuracy
 
 
 @dataclass
@@ -84,12 +84,7 @@ def knn_accuracy(
 ) -> dict[str, float]:
     """Top-1 (and top-5 when there are more than 5 classes) accuracy of weighted kNN."""
     scores = knn_scores(queries, bank, bank_labels.to(bank.device), num_classes, k, temperature)
-    ranked = scores.argsort(dim=1, descending=True)
-    labels = query_labels.to(ranked.device)
-    result = {"top1": (ranked[:, 0] == labels).float().mean().item()}
-    if num_classes > 5:
-        result["top5"] = (ranked[:, :5] == labels[:, None]).any(dim=1).float().mean().item()
-    return result
+    return top_k_accuracy(scores, query_labels, num_classes)
 
 
 class KNNMonitor:

@@ -41,7 +41,7 @@ from selfsup.data.views import Normalize, ViewConfig, build_view_transform
 from selfsup.engine.optim import OptimizerConfig, ParamOverride, build_optimizer, scaled_lr
 from selfsup.engine.schedules import LRFactor
 from selfsup.errors import ConfigError, TrainingDiverged
-from selfsup.eval.features import POOLED, extract_named_features
+from selfsup.eval.features import POOLED, extract_named_features, top_k_accuracy
 
 if TYPE_CHECKING:
     from selfsup.eval.bench import BenchContext
@@ -379,12 +379,7 @@ def fit(
 
 def accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> dict[str, float]:
     """Top-1 (and top-5 with more than 5 classes) accuracy in percent."""
-    labels = labels.to(logits.device)
-    ranked = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-    out = {"top1": 100.0 * (ranked[:, 0] == labels).float().mean().item()}
-    if num_classes > 5:
-        out["top5"] = 100.0 * (ranked == labels[:, None]).any(dim=1).float().mean().item()
-    return out
+    return {k: 100.0 * v for k, v in top_k_accuracy(logits, labels, num_classes).items()}
 
 
 @torch.no_grad()

@@ -117,7 +117,16 @@ class Exported:
 
 
 def backbone_kind(backbone: nn.Module, source: str = "the checkpoint") -> str:
-    """``"resnet"`` or ``"vit"``; any other backbone is a :class:`ConfigError`."""
+    """``"resnet"`` or ``"vit"``; any other backbone, or one whose first layer takes Sobel edges (DeepCluster's
+    ``sobel=true``: 2 input channels, which no torchvision or timm model has), is a :class:`ConfigError`."""
+    from selfsup.algorithms.deepcluster import SobelConv2d
+
+    if any(isinstance(m, SobelConv2d) for m in backbone.modules()):
+        raise ConfigError(
+            f"{source}'s backbone sees Sobel edges (algo.model.sobel=true): its first layer takes 2 edge channels, "
+            "not RGB, so no torchvision/timm model can load it; benchmark the checkpoint itself (selfsup.benchmark "
+            "ckpt=...) or pretrain with algo.model.sobel=false to export"
+        )
     if isinstance(backbone, ResNet):
         return "resnet"
     if isinstance(backbone, VisionTransformer):

@@ -46,13 +46,22 @@ def _build(algo_name: str, dataset: str, n: int, extra: list[str] | None = None)
     return c, algo, images, normalize, MultiViewDataset(ds, view_pipelines(c))
 
 
+# The test gives the recipe's lr, set for a batch of 256 (or 512), to 32 images. Where that 8x step size
+# is too much on the digits, the lr here is the recipe's scaled to 32 images (x 32 / 256) or near it:
+# MoCo's loss climbs back to the plateau of a queue that holds this same batch's older keys (a fixed batch
+# is MoCo's worst case), VICReg's diverges.
+FIXED_BATCH_LR = {"mocov1": 0.01, "mocov2": 0.01, "vicreg": 0.02}
+
+
 @pytest.mark.parametrize("dataset", ["fake", "digits"])
 @pytest.mark.parametrize("algo_name", ALGOS)
 def test_loss_goes_down_on_a_fixed_batch(algo_name, dataset):
     torch.manual_seed(0)
     n, steps = 32, 30
-    c, algo, images, normalize, views_of = _build(algo_name, dataset, n)
+    lr = [f"algo.optimizer.lr={FIXED_BATCH_LR[algo_name]}"] if algo_name in FIXED_BATCH_LR else []
+    c, algo, images, normalize, views_of = _build(algo_name, dataset, n, lr)
     algo.on_train_start(_Ctx(algo, images, normalize))
+    algo.on_epoch_start(_Ctx(algo, images, normalize))  # (DeepCluster clusters here)
     opt = build_optimizer(algo, c.algo.optimizer, c.algo.optimizer.lr)
     loaded = default_collate([views_of[i] for i in range(n)])
     batch = {**loaded, "views": [normalize(v) for v in loaded["views"]]}

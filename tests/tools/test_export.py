@@ -112,6 +112,16 @@ def test_cifar_stem_is_refused_unless_allowed():
         ex.import_backbone_state(state, ResNet("resnet18"))
 
 
+def test_sobel_backbone_is_refused_with_the_way_out():
+    """DeepCluster's Sobel input makes conv1 take 2 edge channels: no torchvision model can load that."""
+    from selfsup.algorithms.deepcluster import use_sobel_input
+
+    net = ResNet("resnet18")
+    use_sobel_input(net)
+    with pytest.raises(ConfigError, match=r"Sobel edges.*algo\.model\.sobel=false"):
+        ex.export_state(net)
+
+
 # --------------------------------------------------------------------------------------------
 # ViT -> timm
 
