@@ -12,7 +12,16 @@ from torchvision.transforms import v2
 from conftest import ALGOS, compose_cfg
 from selfsup.data.datasets import FakeImages
 from selfsup.data.loader import SeededSampler, SeededViews
-from selfsup.data.views import MultiViewDataset, Normalize, as_view_config, build_view_transform, expand_views
+from selfsup.data.views import (
+    MultiViewDataset,
+    Normalize,
+    ViewPipeline,
+    as_view_config,
+    build_view_transform,
+    count_views,
+    expand_views,
+    view_sizes,
+)
 from selfsup.errors import ConfigError
 
 # every algorithm (discovered from conf/algo/) and the number of views its class takes
@@ -41,16 +50,17 @@ def _image(h: int = 40, w: int = 48, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("algo", list(EXPECTED_VIEWS))
 def test_algo_views_produce_uint8_views(specs, algo):
-    views = expand_views(specs[algo])
-    assert len(views) == EXPECTED_VIEWS[algo]
-    for spec in views:
-        assert spec.size == 32  # ${dataset.image_size} resolved
-        t = build_view_transform(spec)
-        for img in (_image(), _image(32, 32, seed=1), _image(64, 20, seed=2)):
-            for seed in range(3):
-                torch.manual_seed(seed)
-                out = t(img)
-                assert out.dtype == torch.uint8 and tuple(out.shape) == (3, 32, 32)
+    """Every algorithm's pipelines give the number of uint8 views its class takes, each of its declared side:
+    copies x rotations x grid patches (Rotation-Pred, Relative-Loc); multi-crop's local crops keep their
+    own size (SwAV, DINO: 96 px), the others follow ``${dataset.image_size}``."""
+    sizes = view_sizes(specs[algo])
+    assert len(sizes) == EXPECTED_VIEWS[algo] == count_views(specs[algo])
+    assert sizes[0] == 32 or algo == "relative-loc"  # ${dataset.image_size} resolved (Relative-Loc: 255 px)
+    for img in (_image(), _image(32, 32, seed=1), _image(64, 20, seed=2)):
+        for seed in range(3):
+            torch.manual_seed(seed)
+            out = [v for spec in expand_views(specs[algo]) for v in ViewPipeline(spec)(img).images]
+            assert [(v.dtype, tuple(v.shape)) for v in out] == [(torch.uint8, (3, s, s)) for s in sizes]
 
 
 def test_view_size_follows_dataset_image_size():
