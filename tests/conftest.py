@@ -221,6 +221,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def training_loaders(monkeypatch) -> list[tuple[object, list[int]]]:
+    """Every (dataset, image indices) that the benchmarks' ``supervised.training_loader`` is asked for during
+    the test, in order; the loaders themselves are the real ones."""
+    from selfsup.eval import supervised
+
+    calls: list[tuple[object, list[int]]] = []
+    real = supervised.training_loader
+
+    def spy(dataset, indices, *args, **kwargs):
+        calls.append((dataset, list(indices)))
+        return real(dataset, indices, *args, **kwargs)
+
+    monkeypatch.setattr(supervised, "training_loader", spy)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _isolate_env(monkeypatch):
     """No test depends on a GPU or on a torchrun environment of the machine running it."""

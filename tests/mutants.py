@@ -133,18 +133,23 @@ MUTANTS = [
         ("tests/algorithms/test_byol.py::test_after_step_applies_the_cosine_ema",),
     ),
     Mutant(
-        "byol-loss-pairs-the-same-view",
-        "selfsup/algorithms/byol.py",
+        "momentum-twin-loss-pairs-the-same-view",
+        "selfsup/algorithms/base.py",
         (("self.loss_fn(p1, z2) + self.loss_fn(p2, z1)", "self.loss_fn(p1, z1) + self.loss_fn(p2, z2)"),),
         (
             "tests/algorithms/test_byol.py::test_loss_is_the_symmetric_normalised_mse_of_prediction_and_other_views_target",
+            "tests/algorithms/test_mocov3.py::"
+            "test_loss_is_the_symmetric_contrastive_loss_with_keys_of_the_other_view[resnet]",
         ),
     ),
     Mutant(
-        "byol-momentum-not-scheduled",
-        "selfsup/algorithms/byol.py",
+        "momentum-twin-momentum-not-scheduled",
+        "selfsup/algorithms/base.py",
         (("m = self.momentum(state)", "m = self.momentum.start"),),
-        ("tests/algorithms/test_byol.py::test_after_step_applies_the_cosine_ema",),
+        (
+            "tests/algorithms/test_byol.py::test_after_step_applies_the_cosine_ema",
+            "tests/algorithms/test_mocov3.py::test_after_step_applies_the_cosine_momentum",
+        ),
     ),
     Mutant(
         "odc-relabelling-under-autocast",
@@ -181,7 +186,7 @@ MUTANTS = [
     Mutant(
         "mid-epoch-resume-restarts-the-epoch",
         "selfsup/engine/trainer.py",
-        (("self._loader(self.state.epoch, done * acc)", "self._loader(self.state.epoch, 0)"),),
+        (("self._loader(self.state.epoch, done * acc, order)", "self._loader(self.state.epoch, 0, order)"),),
         ("tests/engine/test_run_dirs.py::test_ctrl_c_stops_at_a_step_boundary_and_the_run_resumes_step_exactly",),
     ),
     Mutant(
@@ -471,15 +476,6 @@ MUTANTS = [
         (
             "tests/algorithms/test_densecl.py::test_losses_queues_and_correspondence_follow_the_paper",
             "tests/algorithms/test_densecl.py::test_lambda_is_zero_before_start_iters_and_survives_resume",
-        ),
-    ),
-    Mutant(
-        "mocov3-keys-of-the-same-view",
-        "selfsup/algorithms/mocov3.py",
-        (("self.loss_fn(q1, k2) + self.loss_fn(q2, k1)", "self.loss_fn(q1, k1) + self.loss_fn(q2, k2)"),),
-        (
-            "tests/algorithms/test_mocov3.py::"
-            "test_loss_is_the_symmetric_contrastive_loss_with_keys_of_the_other_view[resnet]",
         ),
     ),
     Mutant(

@@ -34,6 +34,8 @@ difference is of order 1). ResNet backbones get ``zero_init_residual`` (without 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,7 +151,11 @@ def run_steps(spec: Spec, extra: list[str], rank: int = 0, world: int = 1) -> di
     return out
 
 
-def _entry(rank: int, world: int, port: int, spec: Spec, out_dir: str) -> None:
+@contextmanager
+def gloo_rank(rank: int, world: int, port: int, timeout_s: float = 120) -> Iterator[Any]:
+    """In a spawned process: become rank ``rank`` of ``world`` CPU processes in a gloo group, set up as torchrun
+    would (environment variables, then ``selfsup.distributed.init``), one torch thread; yields the
+    ``DistributedEnv`` and shuts the group down on exit."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -161,11 +167,16 @@ def _entry(rank: int, world: int, port: int, spec: Spec, out_dir: str) -> None:
     torch.set_num_threads(1)
     from selfsup import distributed
 
-    distributed.init(device="cpu", backend="gloo", timeout_s=120)
+    env = distributed.init(device="cpu", backend="gloo", timeout_s=timeout_s)
     try:
-        torch.save(run_steps(spec, [], rank, world), Path(out_dir) / f"rank{rank}.pt")
+        yield env
     finally:
         distributed.shutdown()
+
+
+def _entry(rank: int, world: int, port: int, spec: Spec, out_dir: str) -> None:
+    with gloo_rank(rank, world, port):
+        torch.save(run_steps(spec, [], rank, world), Path(out_dir) / f"rank{rank}.pt")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float, rtol: float) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -168,237 +169,82 @@ def test_step_schedule_is_mmselfsup_odc_steplr():
 
 # ---------------------------------------------------------------- experiment overlays
 
+
+class Recipe(NamedTuple):
+    """What an MMSelfSup overlay must reproduce (its config file and name)."""
+
+    target: str  # the algorithm class
+    arch: str | None  # the ResNet, None for a ViT
+    lr: float
+    base_batch: int
+    batch: int  # per GPU
+    epochs: int
+    policy: str
+    optim: str
+    effective_lr: float  # lr x (GPUs x batch) / base_batch
+
+
+# fmt: off
 EXPECTED = {
-    "byol_resnet50_16xb256-coslr-200e_in1k": dict(
-        target="BYOL",
-        arch="resnet50",
-        lr=4.8,
-        base_batch=4096,
-        batch=256,
-        epochs=200,
-        policy="cosine",
-        optim="lars",
-        effective_lr=4.8,
-    ),
-    "odc_resnet50_8xb64-steplr-440e_in1k": dict(
-        target="ODC",
-        arch="resnet50",
-        lr=0.06,
-        base_batch=512,
-        batch=64,
-        epochs=440,
-        policy="step",
-        optim="sgd",
-        effective_lr=0.06,
-    ),
-    "mae_vit-base-p16_8xb512-coslr-400e_in1k": dict(
-        target="MAE",
-        arch=None,
-        lr=1.5e-4,
-        base_batch=256,
-        batch=512,
-        epochs=400,
-        policy="cosine",
-        optim="adamw",
-        effective_lr=2.4e-3,
-    ),
-    "simclr_resnet50_8xb32-coslr-200e_in1k": dict(
-        target="SimCLR",
-        arch="resnet50",
-        lr=0.3,
-        base_batch=256,
-        batch=32,
-        epochs=200,
-        policy="cosine",
-        optim="lars",
-        effective_lr=0.3,
-    ),
-    # issue 10's zoo (MMSelfSup 0.x/1.x configs; VICReg: the paper's recipe in MMSelfSup's naming)
-    "barlowtwins_resnet50_8xb256-coslr-300e_in1k": dict(
-        target="BarlowTwins",
-        arch="resnet50",
-        lr=0.2,
-        base_batch=256,
-        batch=256,
-        epochs=300,
-        policy="cosine",
-        optim="lars",
-        effective_lr=1.6,
-    ),
-    "deepcluster-sobel_resnet50_8xb64-steplr-200e_in1k": dict(
-        target="DeepCluster",
-        arch="resnet50",
-        lr=0.1,
-        base_batch=512,
-        batch=64,
-        epochs=200,
-        policy="step",
-        optim="sgd",
-        effective_lr=0.1,
-    ),
-    "densecl_resnet50_8xb32-coslr-200e_in1k": dict(
-        target="DenseCL",
-        arch="resnet50",
-        lr=0.03,
-        base_batch=256,
-        batch=32,
-        epochs=200,
-        policy="cosine",
-        optim="sgd",
-        effective_lr=0.03,
-    ),
-    "dino_vit-base-p16_8xb64-amp-coslr-100e_in1k": dict(
-        target="DINO",
-        arch=None,
-        lr=0.0024,
-        base_batch=512,
-        batch=64,
-        epochs=100,
-        policy="cosine",
-        optim="adamw",
-        effective_lr=0.0024,
-    ),
-    "mocov1_resnet50_8xb32-steplr-200e_in1k": dict(
-        target="MoCo",
-        arch="resnet50",
-        lr=0.03,
-        base_batch=256,
-        batch=32,
-        epochs=200,
-        policy="step",
-        optim="sgd",
-        effective_lr=0.03,
-    ),
-    "mocov2_resnet50_8xb32-coslr-200e_in1k": dict(
-        target="MoCo",
-        arch="resnet50",
-        lr=0.03,
-        base_batch=256,
-        batch=32,
-        epochs=200,
-        policy="cosine",
-        optim="sgd",
-        effective_lr=0.03,
-    ),
-    "mocov3_resnet50_8xb512-amp-coslr-100e_in1k": dict(
-        target="MoCoV3",
-        arch="resnet50",
-        lr=9.6,
-        base_batch=4096,
-        batch=512,
-        epochs=100,
-        policy="cosine",
-        optim="lars",
-        effective_lr=9.6,
-    ),
-    "mocov3_vit-small-p16_16xb256-amp-coslr-300e_in1k": dict(
-        target="MoCoV3",
-        arch=None,
-        lr=0.0024,
-        base_batch=4096,
-        batch=256,
-        epochs=300,
-        policy="cosine",
-        optim="adamw",
-        effective_lr=0.0024,
-    ),
-    "npid_resnet50_8xb32-steplr-200e_in1k": dict(
-        target="NPID",
-        arch="resnet50",
-        lr=0.03,
-        base_batch=256,
-        batch=32,
-        epochs=200,
-        policy="step",
-        optim="sgd",
-        effective_lr=0.03,
-    ),
-    "relative-loc_resnet50_8xb64-steplr-70e_in1k": dict(
-        target="RelativeLoc",
-        arch="resnet50",
-        lr=0.2,
-        base_batch=512,
-        batch=64,
-        epochs=70,
-        policy="step",
-        optim="sgd",
-        effective_lr=0.2,
-    ),
-    "rotation-pred_resnet50_8xb16-steplr-70e_in1k": dict(
-        target="RotationPred",
-        arch="resnet50",
-        lr=0.2,
-        base_batch=128,
-        batch=16,
-        epochs=70,
-        policy="step",
-        optim="sgd",
-        effective_lr=0.2,
-    ),
-    "simsiam_resnet50_8xb32-coslr-100e_in1k": dict(
-        target="SimSiam",
-        arch="resnet50",
-        lr=0.05,
-        base_batch=256,
-        batch=32,
-        epochs=100,
-        policy="cosine",
-        optim="sgd",
-        effective_lr=0.05,
-    ),
-    "simsiam_resnet50_8xb32-coslr-200e_in1k": dict(
-        target="SimSiam",
-        arch="resnet50",
-        lr=0.05,
-        base_batch=256,
-        batch=32,
-        epochs=200,
-        policy="cosine",
-        optim="sgd",
-        effective_lr=0.05,
-    ),
-    "swav_resnet50_8xb32-mcrop-2-6-coslr-200e_in1k-224-96": dict(
-        target="SwAV",
-        arch="resnet50",
-        lr=0.6,
-        base_batch=256,
-        batch=32,
-        epochs=200,
-        policy="cosine",
-        optim="lars",
-        effective_lr=0.6,
-    ),
-    "vicreg_resnet50_8xb256-coslr-1000e_in1k": dict(
-        target="VICReg",
-        arch="resnet50",
-        lr=0.2,
-        base_batch=256,
-        batch=256,
-        epochs=1000,
-        policy="cosine",
-        optim="lars",
-        effective_lr=1.6,
-    ),
+    "byol_resnet50_16xb256-coslr-200e_in1k":
+        Recipe("BYOL", "resnet50", 4.8, 4096, 256, 200, "cosine", "lars", 4.8),
+    "odc_resnet50_8xb64-steplr-440e_in1k":
+        Recipe("ODC", "resnet50", 0.06, 512, 64, 440, "step", "sgd", 0.06),
+    "mae_vit-base-p16_8xb512-coslr-400e_in1k":
+        Recipe("MAE", None, 0.00015, 256, 512, 400, "cosine", "adamw", 0.0024),
+    "simclr_resnet50_8xb32-coslr-200e_in1k":
+        Recipe("SimCLR", "resnet50", 0.3, 256, 32, 200, "cosine", "lars", 0.3),
+    "barlowtwins_resnet50_8xb256-coslr-300e_in1k":
+        Recipe("BarlowTwins", "resnet50", 0.2, 256, 256, 300, "cosine", "lars", 1.6),
+    "deepcluster-sobel_resnet50_8xb64-steplr-200e_in1k":
+        Recipe("DeepCluster", "resnet50", 0.1, 512, 64, 200, "step", "sgd", 0.1),
+    "densecl_resnet50_8xb32-coslr-200e_in1k":
+        Recipe("DenseCL", "resnet50", 0.03, 256, 32, 200, "cosine", "sgd", 0.03),
+    "dino_vit-base-p16_8xb64-amp-coslr-100e_in1k":
+        Recipe("DINO", None, 0.0024, 512, 64, 100, "cosine", "adamw", 0.0024),
+    "mocov1_resnet50_8xb32-steplr-200e_in1k":
+        Recipe("MoCo", "resnet50", 0.03, 256, 32, 200, "step", "sgd", 0.03),
+    "mocov2_resnet50_8xb32-coslr-200e_in1k":
+        Recipe("MoCo", "resnet50", 0.03, 256, 32, 200, "cosine", "sgd", 0.03),
+    "mocov3_resnet50_8xb512-amp-coslr-100e_in1k":
+        Recipe("MoCoV3", "resnet50", 9.6, 4096, 512, 100, "cosine", "lars", 9.6),
+    "mocov3_vit-small-p16_16xb256-amp-coslr-300e_in1k":
+        Recipe("MoCoV3", None, 0.0024, 4096, 256, 300, "cosine", "adamw", 0.0024),
+    "npid_resnet50_8xb32-steplr-200e_in1k":
+        Recipe("NPID", "resnet50", 0.03, 256, 32, 200, "step", "sgd", 0.03),
+    "relative-loc_resnet50_8xb64-steplr-70e_in1k":
+        Recipe("RelativeLoc", "resnet50", 0.2, 512, 64, 70, "step", "sgd", 0.2),
+    "rotation-pred_resnet50_8xb16-steplr-70e_in1k":
+        Recipe("RotationPred", "resnet50", 0.2, 128, 16, 70, "step", "sgd", 0.2),
+    "simsiam_resnet50_8xb32-coslr-100e_in1k":
+        Recipe("SimSiam", "resnet50", 0.05, 256, 32, 100, "cosine", "sgd", 0.05),
+    "simsiam_resnet50_8xb32-coslr-200e_in1k":
+        Recipe("SimSiam", "resnet50", 0.05, 256, 32, 200, "cosine", "sgd", 0.05),
+    "swav_resnet50_8xb32-mcrop-2-6-coslr-200e_in1k-224-96":
+        Recipe("SwAV", "resnet50", 0.6, 256, 32, 200, "cosine", "lars", 0.6),
+    "vicreg_resnet50_8xb256-coslr-1000e_in1k":
+        Recipe("VICReg", "resnet50", 0.2, 256, 256, 1000, "cosine", "lars", 1.6),
 }
+# fmt: on
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_experiment_overlay_reproduces_the_recipe(name):
     e = EXPECTED[name]
     cfg = compose_cfg([f"experiment={name}", "dataset.root=/data/in1k"])
-    assert cfg.algo.model._target_.endswith(e["target"])
-    assert cfg.algo.optimizer.name == e["optim"] and cfg.algo.optimizer.lr == pytest.approx(e["lr"])
-    assert cfg.algo.optimizer.base_batch_size == e["base_batch"]
-    assert (cfg.schedule.batch_size, cfg.schedule.epochs, cfg.schedule.policy) == (e["batch"], e["epochs"], e["policy"])
+    assert cfg.algo.model._target_.endswith(e.target)
+    assert cfg.algo.optimizer.name == e.optim and cfg.algo.optimizer.lr == pytest.approx(e.lr)
+    assert cfg.algo.optimizer.base_batch_size == e.base_batch
+    assert (cfg.schedule.batch_size, cfg.schedule.epochs, cfg.schedule.policy) == (e.batch, e.epochs, e.policy)
     assert cfg.dataset.image_size == 224 and cfg.dataset.root == "/data/in1k"
-    if e["arch"]:
-        assert cfg.backbone.arch == e["arch"] and cfg.backbone.stem == "imagenet"
+    if e.arch:
+        assert cfg.backbone.arch == e.arch and cfg.backbone.stem == "imagenet"
     # GPUs x per-GPU batch (from the name), linearly scaled: the effective lr of the recipe
     from selfsup.engine.optim import scaled_lr
 
     gpus = int(name.split("_")[2].split("xb")[0])
-    lr = scaled_lr(cfg.algo.optimizer.lr, gpus * e["batch"], cfg.algo.optimizer.base_batch_size)
-    assert lr == pytest.approx(e["effective_lr"])
+    lr = scaled_lr(cfg.algo.optimizer.lr, gpus * e.batch, cfg.algo.optimizer.base_batch_size)
+    assert lr == pytest.approx(e.effective_lr)
 
 
 def test_overlay_details():
@@ -459,7 +305,7 @@ def test_experiment_overlay_trains_a_step(name, tmp_path):
     result = run_training(overrides + SHRINK.get(name, []) + small_size(compose_cfg(overrides)), tmp_path)
     assert result.steps == 2 and math.isfinite(result.final_loss) and result.last_checkpoint.is_file()
     ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
-    assert ckpt["meta"]["algo"] == EXPECTED[name]["target"]
+    assert ckpt["meta"]["algo"] == EXPECTED[name].target
     assert ckpt["config"] == (tmp_path / "config.yaml").read_text()
 
 

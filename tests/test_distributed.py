@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import gloo_rank
 from torch import nn
 
 from selfsup import distributed
@@ -46,25 +47,13 @@ Job = tuple[str, Callable[[int, Any], dict], Any]
 
 def _entry(rank: int, world: int, port: int, jobs: list[Job], out_dir: str) -> None:
     """Spawned rank: torchrun-like environment -> selfsup.distributed.init -> each job -> rank{r}.pt."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        CUDA_VISIBLE_DEVICES="-1",
-    )
-    torch.set_num_threads(1)
-    env = distributed.init(device="cpu", backend="gloo", timeout_s=60)
-    try:
+    with gloo_rank(rank, world, port, timeout_s=60) as env:
         assert (env.rank, env.world_size, env.device.type) == (rank, world, "cpu")
         results: dict[str, Any] = {}
         for name, target, payload in jobs:
             results[name] = target(rank, payload)
             distributed.barrier()
             torch.save(results, Path(out_dir) / f"rank{rank}.pt")  # partial results survive a later failure
-    finally:
-        distributed.shutdown()
 
 
 def _shard(t: torch.Tensor, rank: int) -> torch.Tensor:

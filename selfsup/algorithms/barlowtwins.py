@@ -18,9 +18,9 @@ exactly like 1 process x 2n.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from selfsup.algorithms.base import Algorithm, Batch, feature_dim
+from selfsup.algorithms.base import TwinEmbedding, feature_dim
 from selfsup.losses.barlowtwins import BarlowTwinsLoss
 from selfsup.models.necks import MLPNeck
 
@@ -33,8 +33,8 @@ class BarlowTwinsProjectionHead(MLPNeck):
         super().__init__(in_dim, hidden_dim, out_dim, num_layers=num_layers, last_bn=False, bias=False)
 
 
-class BarlowTwins(Algorithm):
-    num_views = 2
+class BarlowTwins(TwinEmbedding):
+    """Barlow Twins' projector and loss on :class:`~selfsup.algorithms.base.TwinEmbedding`."""
 
     def __init__(
         self,
@@ -44,15 +44,5 @@ class BarlowTwins(Algorithm):
         num_layers: int = 3,
         lambd: float = 0.0051,
     ) -> None:
-        super().__init__(backbone)
-        self.projector = BarlowTwinsProjectionHead(feature_dim(backbone), hidden_dim, out_dim, num_layers)
-        self.loss_fn = BarlowTwinsLoss(lambd)
-
-    def compile_targets(self) -> list[nn.Module]:
-        return [self.backbone, self.projector]
-
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        x1, x2 = batch["views"]
-        z1 = self.projector(self.backbone(x1))  # [n, out_dim] (this rank's images)
-        z2 = self.projector(self.backbone(x2))
-        return {"loss": self.loss_fn(z1, z2)}  # statistics over the global batch
+        projector = BarlowTwinsProjectionHead(feature_dim(backbone), hidden_dim, out_dim, num_layers)
+        super().__init__(backbone, projector, BarlowTwinsLoss(lambd))

@@ -35,7 +35,9 @@ from typing import Protocol, TypedDict
 import torch
 from torch import Tensor, nn
 
+from selfsup.engine.schedules import ScalarSchedule
 from selfsup.engine.state import TrainState
+from selfsup.models.momentum import MomentumEncoder
 
 
 class Batch(TypedDict):
@@ -116,3 +118,85 @@ class Algorithm(nn.Module):
     def compile_targets(self) -> list[nn.Module]:
         """Sub-modules that ``compile=true`` compiles in place (state-dict keys unchanged)."""
         return [self.backbone]
+
+
+class MomentumTwin(Algorithm):
+    """The shared skeleton of BYOL and MoCo v3: an online network against its own momentum copy.
+
+        online = predictor q o projector g o backbone f        (trained)
+        target = g' o f' = momentum copy of g o f               (never trained: EMA of the online weights)
+        for two views x1, x2 of a batch:
+            p1, p2 = q(g(f(x1))), q(g(f(x2)))                     # one pass per view (BN per view)
+            z1, z2 = g'(f'(x1)), g'(f'(x2))                       # no gradient
+            loss = L(p1, z2) + L(p2, z1)                          # the algorithm's loss L
+        after each optimizer step:
+            m = momentum(state)                                   # a ScalarSchedule (cosine m_0 -> 1)
+            target <- m * target + (1 - m) * online               # update_momentum (BN statistics copied)
+
+    Subclasses build the projector, predictor and loss and pass them here. The target is a sub-module, so
+    its weights are in every checkpoint and resume continues the EMA bit for bit.
+    """
+
+    num_views = 2
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        projector: nn.Module,
+        predictor: nn.Module,
+        momentum: ScalarSchedule,
+        loss_fn: nn.Module,
+    ) -> None:
+        super().__init__(backbone)
+        self.projector = projector
+        self.predictor = predictor
+        self.target = MomentumEncoder(nn.Sequential(self.backbone, self.projector))
+        self.momentum = momentum
+        self.loss_fn = loss_fn
+
+    def online(self) -> nn.Sequential:
+        """g o f: the online network without the predictor, whose momentum copy the target is (same names)."""
+        return nn.Sequential(self.backbone, self.projector)
+
+    def compile_targets(self) -> list[nn.Module]:
+        target: nn.Sequential = self.target.module  # type: ignore[assignment]
+        return [self.backbone, target[0]]
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        x1, x2 = batch["views"]
+        p1 = self.predictor(self.projector(self.backbone(x1)))  # [N, out_dim]
+        p2 = self.predictor(self.projector(self.backbone(x2)))
+        z1, z2 = self.target(x1), self.target(x2)  # no gradient
+        return {"loss": self.loss_fn(p1, z2) + self.loss_fn(p2, z1)}
+
+    def after_step(self, state: TrainState) -> dict[str, float] | None:
+        m = self.momentum(state)
+        self.target.update(self.online(), m)
+        return {"momentum": m}
+
+
+class TwinEmbedding(Algorithm):
+    """The shared skeleton of Barlow Twins and VICReg: both views through the same backbone and projector,
+    one pass per view (BN per view), and a loss over the two embeddings' global-batch statistics.
+
+        z1, z2 = projector(backbone(x1)), projector(backbone(x2))     # [n, out_dim] (this rank's images)
+        loss = loss_fn(z1, z2)                                        # gathers the global batch itself
+    """
+
+    num_views = 2
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, loss_fn: nn.Module) -> None:
+        super().__init__(backbone)
+        self.projector = projector
+        self.loss_fn = loss_fn
+
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.backbone, self.projector]
+
+    def embed(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """z1, z2: the projector's embeddings of the two views, [n, out_dim] each."""
+        x1, x2 = batch["views"]
+        return self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        return {"loss": self.loss_fn(*self.embed(batch))}

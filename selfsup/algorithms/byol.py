@@ -11,6 +11,7 @@ NeurIPS 2020), as MMSelfSup runs it (``byol.py``, ``CosineEMA``).
         m = 1 - (1 - m_0) (cos(pi k / K) + 1) / 2          # cosine from m_0 to 1 over the K steps
         target <- m * target + (1 - m) * online           # (BN statistics copied)
 
+The skeleton is :class:`~selfsup.algorithms.base.MomentumTwin`, shared with MoCo v3.
 The paper starts at m_0 = 0.996 (the default here); MMSelfSup's recipe at 0.99
 (``experiment=byol_resnet50_16xb256-coslr-200e_in1k``). The momentum encoder is a sub-module, so
 its weights are in every checkpoint and resume continues the EMA bit for bit.
@@ -18,18 +19,16 @@ its weights are in every checkpoint and resume continues the EMA bit for bit.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from selfsup.algorithms.base import Algorithm, Batch, feature_dim
+from selfsup.algorithms.base import MomentumTwin, feature_dim
 from selfsup.engine.schedules import Policy, ScalarSchedule
-from selfsup.engine.state import TrainState
 from selfsup.losses import BYOLLoss
-from selfsup.models.momentum import MomentumEncoder
 from selfsup.models.necks import BYOLPredictionHead, BYOLProjectionHead
 
 
-class BYOL(Algorithm):
-    num_views = 2
+class BYOL(MomentumTwin):
+    """Online projector/predictor MLPs (4096 hidden, 256 out) and the normalised MSE, on :class:`MomentumTwin`."""
 
     def __init__(
         self,
@@ -38,29 +37,10 @@ class BYOL(Algorithm):
         out_dim: int = 256,
         momentum: ScalarSchedule = ScalarSchedule(start=0.996, end=1.0, policy=Policy.cosine),  # noqa: B008
     ) -> None:
-        super().__init__(backbone)
-        self.projector = BYOLProjectionHead(feature_dim(backbone), hidden_dim, out_dim)
-        self.predictor = BYOLPredictionHead(out_dim, hidden_dim, out_dim)
-        self.target = MomentumEncoder(nn.Sequential(self.backbone, self.projector))
-        self.momentum = momentum
-        self.loss_fn = BYOLLoss()
-
-    def online(self) -> nn.Sequential:
-        """The online network whose momentum copy the target is (same parameter names)."""
-        return nn.Sequential(self.backbone, self.projector)
-
-    def compile_targets(self) -> list[nn.Module]:
-        target: nn.Sequential = self.target.module  # type: ignore[assignment]
-        return [self.backbone, target[0]]
-
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        x1, x2 = batch["views"]
-        p1 = self.predictor(self.projector(self.backbone(x1)))  # [N, out_dim]
-        p2 = self.predictor(self.projector(self.backbone(x2)))
-        z1, z2 = self.target(x1), self.target(x2)  # no gradient
-        return {"loss": self.loss_fn(p1, z2) + self.loss_fn(p2, z1)}
-
-    def after_step(self, state: TrainState) -> dict[str, float] | None:
-        m = self.momentum(state)
-        self.target.update(self.online(), m)
-        return {"momentum": m}
+        super().__init__(
+            backbone,
+            projector=BYOLProjectionHead(feature_dim(backbone), hidden_dim, out_dim),
+            predictor=BYOLPredictionHead(out_dim, hidden_dim, out_dim),
+            momentum=momentum,
+            loss_fn=BYOLLoss(),
+        )

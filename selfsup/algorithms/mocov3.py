@@ -30,14 +30,12 @@ Defaults are the paper's (m_0 = 0.99 with the cosine schedule, 256-d output, 409
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from selfsup.algorithms.base import Algorithm, Batch, feature_dim
+from selfsup.algorithms.base import MomentumTwin, feature_dim
 from selfsup.engine.schedules import Policy, ScalarSchedule
-from selfsup.engine.state import TrainState
 from selfsup.errors import ConfigError
 from selfsup.losses.mocov3_contrastive import MoCoV3ContrastiveLoss
-from selfsup.models.momentum import MomentumEncoder
 from selfsup.models.necks import MLPNeck
 from selfsup.models.vit import VisionTransformer
 
@@ -52,8 +50,9 @@ class MoCoV3MLP(MLPNeck):
             self.mlp[-1] = nn.BatchNorm1d(out_dim, affine=False)
 
 
-class MoCoV3(Algorithm):
-    num_views = 2
+class MoCoV3(MomentumTwin):
+    """MoCo v3's MLPs and its contrastive loss on :class:`MomentumTwin` (``online()`` is f_q without the
+    predictor, ``target`` the momentum encoder f_k)."""
 
     def __init__(
         self,
@@ -66,7 +65,6 @@ class MoCoV3(Algorithm):
         momentum: ScalarSchedule = ScalarSchedule(start=0.99, end=1.0, policy=Policy.cosine),  # noqa: B008
         freeze_patch_embed: bool = True,
     ) -> None:
-        super().__init__(backbone)
         vit = isinstance(backbone, VisionTransformer)
         layers = projector_layers if projector_layers is not None else (3 if vit else 2)
         if layers < 1:
@@ -74,35 +72,16 @@ class MoCoV3(Algorithm):
                 f"algo.model.projector_layers must be >= 1 (or null: 2 for a ResNet, 3 for a ViT), got {layers}"
             )
         last_bn = predictor_last_bn if predictor_last_bn is not None else vit
-        self.temperature = temperature if temperature is not None else (0.2 if vit else 1.0)
-        if not self.temperature > 0:
-            raise ConfigError(
-                f"algo.model.temperature must be > 0 (paper: 1.0 ResNet, 0.2 ViT), got {self.temperature}"
-            )
+        temperature = temperature if temperature is not None else (0.2 if vit else 1.0)
+        if not temperature > 0:
+            raise ConfigError(f"algo.model.temperature must be > 0 (paper: 1.0 ResNet, 0.2 ViT), got {temperature}")
         if vit and freeze_patch_embed:  # random patch projection (Sec. 4.2)
             backbone.patch_embed.requires_grad_(False)
-        self.projector = MoCoV3MLP(feature_dim(backbone), hidden_dim, out_dim, layers, last_bn=True)
-        self.predictor = MoCoV3MLP(out_dim, hidden_dim, out_dim, 2, last_bn=last_bn)
-        self.momentum_encoder = MomentumEncoder(nn.Sequential(self.backbone, self.projector))
-        self.momentum = momentum
-        self.loss_fn = MoCoV3ContrastiveLoss(self.temperature)
-
-    def base_encoder(self) -> nn.Sequential:
-        """f_q without the predictor, whose momentum copy the momentum encoder is (same parameter names)."""
-        return nn.Sequential(self.backbone, self.projector)
-
-    def compile_targets(self) -> list[nn.Module]:
-        momentum: nn.Sequential = self.momentum_encoder.module  # type: ignore[assignment]
-        return [self.backbone, momentum[0]]
-
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        x1, x2 = batch["views"]
-        q1 = self.predictor(self.projector(self.backbone(x1)))  # [n, out_dim]
-        q2 = self.predictor(self.projector(self.backbone(x2)))
-        k1, k2 = self.momentum_encoder(x1), self.momentum_encoder(x2)  # no gradient
-        return {"loss": self.loss_fn(q1, k2) + self.loss_fn(q2, k1)}
-
-    def after_step(self, state: TrainState) -> dict[str, float] | None:
-        m = self.momentum(state)
-        self.momentum_encoder.update(self.base_encoder(), m)
-        return {"momentum": m}
+        super().__init__(
+            backbone,
+            projector=MoCoV3MLP(feature_dim(backbone), hidden_dim, out_dim, layers, last_bn=True),
+            predictor=MoCoV3MLP(out_dim, hidden_dim, out_dim, 2, last_bn=last_bn),
+            momentum=momentum,
+            loss_fn=MoCoV3ContrastiveLoss(temperature),
+        )
+        self.temperature = temperature

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from selfsup.algorithms.base import Algorithm, Batch, feature_dim
+from selfsup.algorithms.base import Batch, TwinEmbedding, feature_dim
 from selfsup.losses.vicreg import VICRegLoss
 from selfsup.models.necks import MLPNeck
 
@@ -37,8 +37,10 @@ class VICRegExpander(MLPNeck):
         self.mlp[-1] = nn.Linear(last.in_features, out_dim, bias=False)
 
 
-class VICReg(Algorithm):
-    num_views = 2
+class VICReg(TwinEmbedding):
+    """VICReg's expander and loss on :class:`~selfsup.algorithms.base.TwinEmbedding`; logs the three terms."""
+
+    loss_fn: VICRegLoss
 
     def __init__(
         self,
@@ -50,16 +52,9 @@ class VICReg(Algorithm):
         std_coeff: float = 25.0,
         cov_coeff: float = 1.0,
     ) -> None:
-        super().__init__(backbone)
-        self.projector = VICRegExpander(feature_dim(backbone), hidden_dim, out_dim, num_layers)
-        self.loss_fn = VICRegLoss(sim_coeff, std_coeff, cov_coeff)
-
-    def compile_targets(self) -> list[nn.Module]:
-        return [self.backbone, self.projector]
+        projector = VICRegExpander(feature_dim(backbone), hidden_dim, out_dim, num_layers)
+        super().__init__(backbone, projector, VICRegLoss(sim_coeff, std_coeff, cov_coeff))
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        x1, x2 = batch["views"]
-        z1 = self.projector(self.backbone(x1))  # [n, out_dim] (this rank's images)
-        z2 = self.projector(self.backbone(x2))
-        terms = self.loss_fn.terms(z1, z2)  # variance and covariance over the global batch
+        terms = self.loss_fn.terms(*self.embed(batch))  # variance and covariance over the global batch
         return {"loss": self.loss_fn.weigh(terms), **{k: v.detach() for k, v in terms.items()}}

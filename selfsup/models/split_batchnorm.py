@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from selfsup import distributed
 from selfsup.errors import ConfigError
+from selfsup.models.sync_batchnorm import CPUSyncBatchNorm, replace_batchnorm
 
 
 class SplitBatchNorm(_BatchNorm):
@@ -92,25 +93,14 @@ def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
     """Replace every ``BatchNorm*d`` in ``module`` by a :class:`SplitBatchNorm` of ``num_splits`` groups
     (the same parameter and buffer tensors, train/eval mode kept; state-dict keys unchanged). Returns the
     converted module (``module`` itself unless it is a BatchNorm)."""
-    if isinstance(module, _BatchNorm) and not isinstance(module, SplitBatchNorm):
-        out = SplitBatchNorm(
-            module.num_features, num_splits, module.eps, module.momentum, module.affine, module.track_running_stats
-        )
-        if module.affine:
-            out.weight, out.bias = module.weight, module.bias
-        out.running_mean = module.running_mean
-        out.running_var = module.running_var
-        out.num_batches_tracked = module.num_batches_tracked
-        out.train(module.training)
-        return out
-    for name, child in module.named_children():
-        module.add_module(name, convert_split_batchnorm(child, num_splits))
-    return module
+    return replace_batchnorm(
+        module,
+        SplitBatchNorm,
+        lambda bn: SplitBatchNorm(bn.num_features, num_splits, bn.eps, bn.momentum, bn.affine, bn.track_running_stats),
+    )
 
 
 def _is_synchronised(bn: nn.Module) -> bool:
-    from selfsup.models.sync_batchnorm import CPUSyncBatchNorm
-
     return isinstance(bn, (nn.SyncBatchNorm, CPUSyncBatchNorm))
 
 

@@ -17,6 +17,8 @@ runs can be checked on any machine; on CUDA torch's fused kernels are used.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -61,25 +63,32 @@ class CPUSyncBatchNorm(_BatchNorm):
         return y
 
 
-def convert_sync_batchnorm(module: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
-    """Replace every ``BatchNorm*d`` in ``module`` by a synchronised one: torch's ``SyncBatchNorm``
-    for a CUDA ``device``, :class:`CPUSyncBatchNorm` otherwise (parameters, buffers and train/eval
-    mode kept; state-dict keys unchanged). Returns the converted module."""
-    if torch.device(device).type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if isinstance(module, _BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
-        out = CPUSyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
-        )
+def replace_batchnorm(module: nn.Module, kind: type[_BatchNorm], make: Callable[[_BatchNorm], _BatchNorm]) -> nn.Module:
+    """Replace every ``BatchNorm*d`` in ``module`` that is not a ``kind`` already by ``make(bn)``, which
+    gets the same parameter and buffer tensors and train/eval mode (state-dict keys unchanged). Returns the
+    converted module (``module`` itself unless it is a BatchNorm)."""
+    if isinstance(module, _BatchNorm) and not isinstance(module, kind):
+        out = make(module)
         if module.affine:
-            with torch.no_grad():
-                out.weight = module.weight
-                out.bias = module.bias
+            out.weight, out.bias = module.weight, module.bias
         out.running_mean = module.running_mean
         out.running_var = module.running_var
         out.num_batches_tracked = module.num_batches_tracked
         out.train(module.training)
         return out
     for name, child in module.named_children():
-        module.add_module(name, convert_sync_batchnorm(child, device))
+        module.add_module(name, replace_batchnorm(child, kind, make))
     return module
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """Replace every ``BatchNorm*d`` in ``module`` by a synchronised one: torch's ``SyncBatchNorm``
+    for a CUDA ``device``, :class:`CPUSyncBatchNorm` otherwise (parameters, buffers and train/eval
+    mode kept; state-dict keys unchanged). Returns the converted module."""
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return replace_batchnorm(
+        module,
+        CPUSyncBatchNorm,
+        lambda bn: CPUSyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats),
+    )

@@ -76,11 +76,11 @@ def test_vit_mlps_and_temperature_are_the_official_ones():
 
 def test_momentum_encoder_is_a_frozen_copy_of_backbone_and_projector():
     model = _resnet_mocov3()
-    base = dict(model.base_encoder().named_parameters())
-    momentum = dict(model.momentum_encoder.module.named_parameters())
+    base = dict(model.online().named_parameters())
+    momentum = dict(model.target.module.named_parameters())
     assert base.keys() == momentum.keys() and all(torch.equal(base[k], momentum[k]) for k in base)
     assert not any(p.requires_grad for p in momentum.values())
-    assert {k.split(".")[0] for k in model.state_dict()} == {"backbone", "projector", "predictor", "momentum_encoder"}
+    assert {k.split(".")[0] for k in model.state_dict()} == {"backbone", "projector", "predictor", "target"}
 
 
 @pytest.mark.parametrize("make", [_resnet_mocov3, _vit_mocov3], ids=["resnet", "vit"])
@@ -93,7 +93,7 @@ def test_loss_is_the_symmetric_contrastive_loss_with_keys_of_the_other_view(make
     with torch.no_grad():  # the same forward passes (train mode: batch statistics), by hand
         q1 = model.predictor(model.projector(model.backbone(x1)))
         q2 = model.predictor(model.projector(model.backbone(x2)))
-        k1, k2 = model.momentum_encoder(x1), model.momentum_encoder(x2)
+        k1, k2 = model.target(x1), model.target(x2)
     t = model.temperature
 
     def ctr(q, k):  # 2T * CE(q k^T / T, arange(n)), from the paper's Algorithm 1
@@ -112,7 +112,7 @@ def test_gradients_reach_the_base_encoder_and_predictor_only():
     assert all(p.grad is not None for p in model.predictor.parameters())
     assert all(p.grad is not None for p in model.projector.parameters())
     assert model.backbone.conv1.weight.grad is not None
-    assert all(p.grad is None for p in model.momentum_encoder.parameters())
+    assert all(p.grad is None for p in model.target.parameters())
 
 
 @pytest.mark.parametrize("m0", [0.99, 0.996])
@@ -121,14 +121,14 @@ def test_after_step_applies_the_cosine_momentum(m0):
     adjust_moco_momentum, per iteration); m = m0 at the start and 1 at the end."""
     model = _resnet_mocov3(momentum=ScalarSchedule(start=m0, end=1.0))
     with torch.no_grad():  # move the base encoder away from the momentum encoder
-        for p in model.base_encoder().parameters():
+        for p in model.online().parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    before = {k: v.clone() for k, v in model.momentum_encoder.module.named_parameters()}
-    base = {k: v.clone() for k, v in model.base_encoder().named_parameters()}
+    before = {k: v.clone() for k, v in model.target.module.named_parameters()}
+    base = {k: v.clone() for k, v in model.online().named_parameters()}
     out = model.after_step(TrainState(step=30, steps_per_epoch=10, epochs=10))
     m = 1 - (1 - m0) * (math.cos(math.pi * 30 / 100) + 1) / 2
     assert out == {"momentum": pytest.approx(m)}
-    for k, v in model.momentum_encoder.module.named_parameters():
+    for k, v in model.target.module.named_parameters():
         torch.testing.assert_close(v, m * before[k] + (1 - m) * base[k], atol=1e-6, rtol=0)
     state = TrainState(steps_per_epoch=10, epochs=10)
     assert model.momentum(state) == pytest.approx(m0)
@@ -155,7 +155,7 @@ def test_vit_patch_projection_stays_random():
         model.after_step(TrainState(step=step + 1, steps_per_epoch=2, epochs=1))
     assert torch.equal(patch.weight, before[0]) and torch.equal(patch.bias, before[1])
     assert not torch.equal(model.backbone.blocks[0].attn.qkv.weight, block_before)
-    momentum_patch = model.momentum_encoder.module[0].patch_embed
+    momentum_patch = model.target.module[0].patch_embed
     torch.testing.assert_close(momentum_patch.weight, before[0], atol=1e-7, rtol=0)  # EMA of a constant
     trainable = _vit_mocov3(freeze_patch_embed=False)
     assert trainable.backbone.patch_embed.weight.requires_grad

@@ -121,17 +121,10 @@ def test_drop_path_rebuild_loads_every_weight(mae_digits_ckpt):
     assert all(p.requires_grad for p in net.parameters())
 
 
-def test_finetune_vit_trains_the_backbone_and_leaves_the_encoder(mae_digits_ckpt, tmp_path, monkeypatch):
+def test_finetune_vit_trains_the_backbone_and_leaves_the_encoder(mae_digits_ckpt, tmp_path, training_loaders):
     ctx = make_ctx(mae_digits_ckpt, tmp_path, *FAKE, "bench=finetune")
     before = {k: v.clone() for k, v in ctx.encoder.backbone.state_dict().items()}
-    loaders = []
-    real = supervised.training_loader
-
-    def spy(dataset, indices, *args, **kwargs):
-        loaders.append((dataset, list(indices)))
-        return real(dataset, indices, *args, **kwargs)
-
-    monkeypatch.setattr(supervised, "training_loader", spy)
+    loaders = training_loaders
     bench = FineTuneBenchmark(epochs=2, batch_size=16, lr=0.02, mixup=0.8, cutmix=1.0)
     metrics = bench.run(ctx)
     assert set(metrics) == {"top1", "top5"} and all(0.0 <= v <= 100.0 for v in metrics.values())

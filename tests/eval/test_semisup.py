@@ -11,7 +11,6 @@ from selfsup.benchmark import BenchmarkConfig, main, run
 from selfsup.config import compose_tool
 from selfsup.data.datasets import Digits
 from selfsup.errors import ConfigError, DataError
-from selfsup.eval import supervised
 from selfsup.eval.encoder import eval_datasets, load_encoder
 from selfsup.eval.semisup import SemiSupervisedBenchmark, labelled_subset, read_subset, stratified_subset
 
@@ -85,15 +84,8 @@ def test_subset_file_that_does_not_fit_is_an_error(tmp_path, text, match):
         read_subset(path, 1437)
 
 
-def test_semisup_end_to_end(simclr_digits_ckpt, tmp_path, monkeypatch):
-    loaders = []
-    real = supervised.training_loader
-
-    def spy(dataset, indices, *args, **kwargs):
-        loaders.append((dataset, list(indices)))
-        return real(dataset, indices, *args, **kwargs)
-
-    monkeypatch.setattr(supervised, "training_loader", spy)
+def test_semisup_end_to_end(simclr_digits_ckpt, tmp_path, training_loaders):
+    loaders = training_loaders
     options = ["bench=semisup", "bench.fractions=[0.25,0.5]", "bench.lrs=[0.05]", "bench.head_lr_mults=[1,10]"]
     cfg = compose_tool(
         "benchmark",

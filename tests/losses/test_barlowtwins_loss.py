@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup import distributed
+from references import as_rank_1_of_2, numeric_grad
 from selfsup.losses.barlowtwins import BarlowTwinsLoss
 
 
@@ -34,16 +34,6 @@ def barlow_reference(z1: np.ndarray, z2: np.ndarray, lambd: float = 0.0051, eps:
             c = sum(a[k, i] * b_[k, j] for k in range(n)) / n
             loss += (1 - c) ** 2 if i == j else lambd * c**2
     return loss
-
-
-def numeric_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    g = np.zeros_like(x)
-    for idx in np.ndindex(*x.shape):
-        plus, minus = x.copy(), x.copy()
-        plus[idx] += h
-        minus[idx] -= h
-        g[idx] = (f(plus) - f(minus)) / (2 * h)
-    return g
 
 
 def _data(seed: int, n: int = 6, d: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -98,8 +88,7 @@ def test_on_rank_1_of_2_statistics_and_c_are_over_the_gathered_batch(monkeypatch
     """Rank 1 of 2 (all_gather_with_grad emulated: rank 0's rows, then its own): the loss is the reference on
     the whole batch of 8, and its own rows get that loss's gradient with respect to them."""
     z1, z2 = _data(5, n=8, d=4)
-    gathered = iter([torch.tensor(z1[:4]), torch.tensor(z2[:4])])  # z1's rows, then z2's
-    monkeypatch.setattr(distributed, "all_gather_with_grad", lambda z: torch.cat([next(gathered), z]))
+    as_rank_1_of_2(monkeypatch, z1[:4], z2[:4])  # gathers z1's rows, then z2's
     t1, t2 = torch.tensor(z1[4:], requires_grad=True), torch.tensor(z2[4:], requires_grad=True)
     loss = BarlowTwinsLoss(lambd=0.5)(t1, t2)
     loss.backward()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup import distributed
+from references import as_rank_1_of_2, numeric_grad
 from selfsup.losses.vicreg import VICRegLoss
 
 
@@ -41,16 +41,6 @@ def vicreg_terms_reference(z1: np.ndarray, z2: np.ndarray, eps: float = 1e-4) ->
 def vicreg_reference(z1, z2, sim=25.0, std=25.0, cov=1.0) -> float:
     s, v, c = vicreg_terms_reference(z1, z2)
     return sim * s + std * v + cov * c
-
-
-def numeric_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    g = np.zeros_like(x)
-    for idx in np.ndindex(*x.shape):
-        plus, minus = x.copy(), x.copy()
-        plus[idx] += h
-        minus[idx] -= h
-        g[idx] = (f(plus) - f(minus)) / (2 * h)
-    return g
 
 
 def _data(seed: int, n: int = 6, d: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -102,8 +92,7 @@ def test_on_rank_1_of_2_variance_and_covariance_are_over_the_gathered_batch(monk
     terms are the reference's on the whole batch of 8, the invariance that of the rank's own 4 images, and its
     own rows get the gradient of that loss with respect to them."""
     z1, z2 = _data(5, n=8, d=4)
-    gathered = iter([torch.tensor(z1[:4]), torch.tensor(z2[:4])])  # z1's rows, then z2's
-    monkeypatch.setattr(distributed, "all_gather_with_grad", lambda z: torch.cat([next(gathered), z]))
+    as_rank_1_of_2(monkeypatch, z1[:4], z2[:4])  # gathers z1's rows, then z2's
     t1, t2 = torch.tensor(z1[4:], requires_grad=True), torch.tensor(z2[4:], requires_grad=True)
     terms = VICRegLoss().terms(t1, t2)
     VICRegLoss().weigh(terms).backward()
