@@ -234,14 +234,21 @@ def lars_reference(w, grads, lr, mom, wd, eta, eps, nesterov, exclude):
         (0.5, 0.0, 0.1, True, True),
     ],
 )
-def test_lars_matches_numpy_reference(mom, wd, eta, nesterov, exclude):
+@pytest.mark.parametrize("foreach", [True, False])
+def test_lars_matches_numpy_reference(mom, wd, eta, nesterov, exclude, foreach):
     rng = np.random.default_rng(0)
     w0 = rng.normal(size=(3, 4))
     grads = [rng.normal(scale=s, size=(3, 4)) for s in (0.1, 1.0, 5.0)]
     p = nn.Parameter(torch.tensor(w0))
     lr = 0.7
     opt = LARS(
-        [{"params": [p], "lars_exclude": exclude}], lr=lr, momentum=mom, weight_decay=wd, eta=eta, nesterov=nesterov
+        [{"params": [p], "lars_exclude": exclude}],
+        lr=lr,
+        momentum=mom,
+        weight_decay=wd,
+        eta=eta,
+        nesterov=nesterov,
+        foreach=foreach,
     )
     expected = lars_reference(w0, grads, lr, mom, wd, eta, 1e-8, nesterov, exclude)
     for g, ref in zip(grads, expected):
@@ -251,6 +258,32 @@ def test_lars_matches_numpy_reference(mom, wd, eta, nesterov, exclude):
         # rounds lr to float32 even for float64 parameters
         np.testing.assert_allclose(p.detach().numpy(), ref, rtol=1e-6, atol=1e-9)
     assert not np.allclose(p.detach().numpy(), w0)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_foreach_lars_equals_the_loop_bit_for_bit(nesterov):
+    """The multi-tensor step on a real model (several parameter shapes, an excluded group, a parameter without a
+    gradient) gives exactly the loop's parameters and momentum buffers over several steps."""
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)) for _ in "ab"]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = []
+    for net, foreach in zip(nets, (True, False), strict=True):
+        decay = [p for n, p in net.named_parameters() if p.dim() > 1]
+        rest = [p for n, p in net.named_parameters() if p.dim() <= 1]
+        groups = [{"params": decay}, {"params": rest, "lars_exclude": True, "weight_decay": 0.0}]
+        opts.append(LARS(groups, lr=0.3, momentum=0.9, weight_decay=1e-4, nesterov=nesterov, foreach=foreach))
+    x = torch.randn(8, 3, 8, 8)
+    for step in range(4):
+        for net, opt in zip(nets, opts, strict=True):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            if step == 2:
+                net[3].bias.grad = None  # skipped this step
+            opt.step()
+    for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters(), strict=True):
+        assert torch.equal(a, b), name
+        assert torch.equal(opts[0].state[a]["momentum_buffer"], opts[1].state[b]["momentum_buffer"]), name
 
 
 def test_lars_zero_norms_use_unit_ratio():
