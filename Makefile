@@ -10,7 +10,7 @@ SLURM_UP_CPUS ?= 4
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast mutants lint format bench-cpu bench params publish export runs plot tsne mae-vis notebook slurm-up slurm-down clean
+.PHONY: help install train test test-fast mutants lint format bench-cpu bench-data bench params publish export runs plot tsne mae-vis notebook slurm-up slurm-down clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,10 +26,10 @@ install: $(STAMP) ## create .venv and install selfsup with the dev extras (pip i
 train: $(STAMP) ## default pretraining (SimCLR, ResNet-18, digits, CPU minute); extra overrides: make train ARGS="algo=odc"
 	$(BIN)/python -m selfsup.train $(ARGS)
 
-test: $(STAMP) ## the whole test suite (CPU; about 25 min on 2 cores with the SLURM cluster up, see make slurm-up)
+test: $(STAMP) ## the whole test suite (CPU; about 50 min on 2 cores with the SLURM cluster up, see make slurm-up)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP) ## the quick subset: pytest -m "not slow"
+test-fast: $(STAMP) ## the quicker subset: pytest -m "not slow" (about 18 min on 2 cores)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 mutants: $(STAMP) ## plant known bugs in a copy of the repo, one at a time: the tests guarding each must fail (ARGS="mae lr" picks some)
@@ -46,6 +46,9 @@ format: $(STAMP) ## ruff autofix + format
 
 bench-cpu: $(STAMP) ## training-step throughput of the default model on this CPU
 	$(BIN)/python -m selfsup.tools.benchmark_step --steps 10 --warmup 3 -- device=cpu $(ARGS)
+
+bench-data: $(STAMP) ## the data path: views per_sample vs batched (vs torchvision, kornia), each dataset.cache, training vs synthetic
+	$(BIN)/python -m selfsup.tools.benchmark_data --compare -- $(ARGS)
 
 bench: $(STAMP) ## benchmark a checkpoint: make bench CKPT=outputs/<run>/last.pt ARGS="bench=linear" (knn|linear|svm|semisup|finetune)
 	$(BIN)/python -m selfsup.benchmark ckpt=$(CKPT) $(ARGS)

@@ -45,8 +45,8 @@ from typing import Any, Literal, Optional, TypeVar, Union
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
 
-from selfsup.data.datasets import BackboneHints, check_image_size
-from selfsup.data.loader import LoaderConfig
+from selfsup.data.datasets import BackboneHints, Cache, check_image_size
+from selfsup.data.loader import DataConfig, LoaderConfig
 from selfsup.data.views import ViewConfig
 from selfsup.distributed import DistConfig
 from selfsup.engine.checkpoint import CheckpointConfig
@@ -176,6 +176,8 @@ class TrainConfig:
     precision: Precision = Precision.auto
     channels_last: bool | None = None  # None = on for conv nets
     compile: bool = False  # torch.compile the algorithm's compile_targets() in place
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     sync_bn: bool = False  # synchronised BatchNorm when there are several processes
     fused_optimizer: bool | None = None  # None = fused SGD/AdamW on CUDA
     resume: str | None = None  # PATH to a checkpoint, or "auto" (last.pt in the run dir)
@@ -183,6 +185,7 @@ class TrainConfig:
     resume_force: bool = False
     # start over in a run dir that already holds a run: its checkpoints and logs are deleted first
     overwrite: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -194,7 +197,11 @@ class TrainConfig:
 _GENERATED: dict[str, tuple[str | None, tuple[str, ...], tuple[tuple[str, Any, Any], ...]]] = {
     "algo": ("model", ("backbone",), ()),
     "backbone": (None, (), ()),
-    "dataset": (None, ("split",), (("hints", BackboneHints, field(default_factory=BackboneHints)),)),
+    "dataset": (
+        None,
+        ("split",),
+        (("hints", BackboneHints, field(default_factory=BackboneHints)), ("cache", Cache, field(default=Cache.auto))),
+    ),
     "bench": (None, (), ()),  # the benchmarks of python -m selfsup.benchmark (conf/bench/)
 }
 

@@ -186,7 +186,7 @@ MUTANTS = [
     Mutant(
         "mid-epoch-resume-restarts-the-epoch",
         "selfsup/engine/trainer.py",
-        (("self._loader(self.state.epoch, done * acc, order)", "self._loader(self.state.epoch, 0, order)"),),
+        (("self.loader(self.state.epoch, done * acc, order)", "self.loader(self.state.epoch, 0, order)"),),
         ("tests/engine/test_run_dirs.py::test_ctrl_c_stops_at_a_step_boundary_and_the_run_resumes_step_exactly",),
     ),
     Mutant(
@@ -629,6 +629,49 @@ MUTANTS = [
         "selfsup/losses/npid.py",
         (("math.log(neg.shape[1] / self.num_samples)", "math.log(1 / self.num_samples)"),),
         ("tests/losses/test_npid_loss.py::test_nce_matches_the_float64_reference[0-per-row-negatives]",),
+    ),
+    Mutant(
+        "batched-rotation-the-wrong-way",
+        "selfsup/data/batched.py",
+        (
+            (
+                "m = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)",
+                "m = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)",
+            ),
+        ),
+        ("tests/data/test_batched.py::test_rotation_shift_and_flip_match_torchvision",),
+    ),
+    Mutant(
+        "batched-jitter-in-a-fixed-order",
+        "selfsup/data/batched.py",
+        (
+            (
+                "chosen = p.jitter & (p.order[:, position] == op)",
+                "chosen = p.jitter & (position == op)",
+            ),
+        ),
+        ("tests/data/test_batched.py::test_jitter_applies_each_images_own_order_like_torchvision",),
+    ),
+    Mutant(
+        "batched-crop-area-from-zero",
+        "selfsup/data/batched.py",
+        (("area = h_img * w_img * (s0 + (s1 - s0) * u_crop[:, :10])", "area = h_img * w_img * (s1 * u_crop[:, :10])"),),
+        ("tests/data/test_batched.py::test_crop_boxes_follow_random_resized_crop",),
+    ),
+    Mutant(
+        "batched-copies-share-a-stream",
+        "selfsup/data/batched.py",
+        (("base = splitmix64(seeds + offset)", "base = splitmix64(seeds + 0 * offset)"),),
+        (
+            "tests/data/test_batched.py::test_splitmix64_and_uniforms_match_a_python_reference",
+            "tests/data/test_batched.py::test_a_view_depends_only_on_its_image_and_seed",
+        ),
+    ),
+    Mutant(
+        "worker-crops-ignore-the-image-seed",
+        "selfsup/data/loader.py",
+        (('"crops": self.executor.crops(image, seed)', '"crops": self.executor.crops(image, 0)'),),
+        ("tests/data/test_data_path.py::test_every_cache_mode_and_worker_count_gives_the_same_views",),
     ),
 ]
 

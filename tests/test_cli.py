@@ -60,7 +60,12 @@ def write_images(folder: Path, n: int, size: int = 12, fmt: str = "png") -> Path
 # ---------------------------------------------------------------------------------------------- bad input
 # id -> (arguments, text the one error line must contain); "{tmp}" is the case's own temporary folder
 BAD_INPUT: dict[str, tuple[list[str], str]] = {
-    "unknown-algo": (["algo=foo"], "Could not find 'algo/foo' (available options in 'algo': byol, mae, odc, simclr)"),
+    "unknown-algo": (
+        ["algo=foo"],
+        "Could not find 'algo/foo' (available options in 'algo': "
+        + ", ".join(sorted(p.stem for p in (REPO / "conf" / "algo").glob("*.yaml")))
+        + ")",
+    ),
     "unknown-backbone": (["backbone=resnet101"], "backbone/resnet101"),
     "misspelt-key": (["schedule.lrr=0.1"], "Key 'lrr' not in 'ScheduleConfig'"),
     "wrong-type": (["schedule.epochs=ten"], "Value 'ten' of type 'str' could not be converted to Integer"),
@@ -222,7 +227,7 @@ def test_cfg_job_prints_the_composed_config():
     proc = cli("algo=odc", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(proc.stdout)
-    assert cfg["algo"]["model"]["_target_"] == "selfsup.algorithms.odc.ODC" and cfg["schedule"]["epochs"] == 7
+    assert cfg["algo"]["model"]["_target_"] == "selfsup.algorithms.odc.ODC" and cfg["schedule"]["epochs"] == 9
 
 
 def test_resume_with_another_architecture(tmp_path):

@@ -68,7 +68,7 @@ def test_defaults():
     assert cfg.algo.model._target_.endswith("SimCLR")
     assert cfg.backbone.arch == "resnet18"
     assert cfg.dataset._target_.endswith("Digits")
-    assert cfg.schedule.epochs == 7 and cfg.launcher.name == "local"
+    assert cfg.schedule.epochs == 9 and cfg.launcher.name == "local"
     assert cfg.device == "auto" and cfg.resume is None and cfg.deterministic is False
 
 
@@ -151,7 +151,7 @@ def test_required_roots_are_missing_until_given():
 
 SCHEDULES = {  # (policy, epochs, warm-up epochs)
     "cosine": ("cosine", 200, 10),
-    "cpu": ("cosine", 7, 1),
+    "cpu": ("cosine", 9, 1),
     "step": ("step", 440, 0),
 }
 

@@ -17,6 +17,7 @@ import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,24 @@ from torchvision.transforms import v2
 from selfsup.errors import ConfigError, DataError
 
 log = logging.getLogger("selfsup")
+
+
+class Cache(str, Enum):
+    """``dataset.cache``: where the training images live while the batched executor augments them.
+
+    * ``none``: read per epoch by DataLoader workers (JPEG decoding; the workers also cut each view to its size,
+      which shrinks the data, and the device does the colour part): ImageNet-size folders;
+    * ``memory``: decoded once into one uint8 tensor in RAM; each epoch indexes it with the seeded permutation,
+      no workers, no decoding (digits, CIFAR, a folder whose images fit in RAM at ``image_size``);
+    * ``device``: that tensor on the GPU: the batch never crosses PCIe;
+    * ``auto``: ``device`` on CUDA and ``memory`` on the CPU for datasets held in memory anyway (digits, CIFAR-10,
+      fake), ``none`` for image folders.
+    """
+
+    auto = "auto"
+    none = "none"
+    memory = "memory"
+    device = "device"
 
 
 @dataclass
@@ -507,3 +526,42 @@ class ImageFolder(ImageDataset):
     def unreadable_count(self) -> int:
         """How many of this split's files have failed to decode so far (in any process)."""
         return int(self.unreadable.sum())
+
+
+def resident_images(dataset: ImageDataset, workers: int = 0) -> tuple[Tensor, Tensor]:
+    """(uint8 [N, 3, S, S] images, int64 [N] labels) of a whole split, for ``dataset.cache=memory|device``.
+    In-memory datasets give their own tensors; any other is decoded once, each image resized (short side) and
+    centre-cropped to ``image_size`` (a folder of 32 px CIFAR JPEGs stays as it is)."""
+    if isinstance(dataset, InMemoryImages):
+        return dataset.images, dataset.labels
+    s = dataset.image_size
+    fit = v2.Compose([v2.Resize(s, antialias=True), v2.CenterCrop(s)])
+    n = len(dataset)
+    log.info("dataset.cache: decoding %d images once to %d x %d (%.2f GiB of uint8)", n, s, s, n * 3 * s * s / 2**30)
+    images = torch.empty(n, 3, s, s, dtype=torch.uint8)
+    labels = torch.empty(n, dtype=torch.long)
+
+    def item(i: int) -> tuple[Tensor, int, int]:
+        image, label, index = dataset[i]
+        return fit(image), label, index
+
+    loader = torch.utils.data.DataLoader(
+        _Mapped(item, n), batch_size=64, num_workers=workers, collate_fn=lambda rows: rows
+    )
+    for rows in loader:
+        for image, label, index in rows:
+            images[index], labels[index] = image, label
+    return images, labels
+
+
+class _Mapped(Dataset):
+    """Item i = fn(i) (a picklable stand-in for a lambda dataset in worker processes)."""
+
+    def __init__(self, fn: Callable[[int], tuple[Tensor, int, int]], n: int) -> None:
+        self.fn, self.n = fn, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        return self.fn(i)

@@ -1,9 +1,10 @@
 """Multi-view augmentation: declared per algorithm in config (``algo.views``), run per sample.
 
 A view is a declarative spec (:class:`ViewConfig`), not a hand-built pipeline, so the
-same declaration can be executed by different back-ends: today :class:`ViewPipeline` runs it
-with torchvision v2 on uint8 tensors inside DataLoader workers; a batched GPU executor
-(per-sample random parameters on a uint8 batch already on the device) can read the same specs.
+same declaration is executed by two back-ends (``data.executor``): :class:`ViewPipeline` runs it
+with torchvision v2 on one uint8 image at a time inside DataLoader workers (``per_sample``, the
+reference); :class:`~selfsup.data.batched.BatchedViews` runs it on a whole uint8 batch on the device
+with per-image random parameters (``batched``, the default).
 
 What a declaration can express (each entry of ``algo.views`` is one pipeline, run ``copies`` times):
 
@@ -92,8 +93,8 @@ class ViewConfig:
     """One augmentation pipeline; ``copies`` identical-but-independently-sampled views of it.
 
     Order: random-resized crop -> affine (rotation/translation) -> flip -> colour jitter ->
-    grayscale -> Gaussian blur -> solarize. Probabilities are per sample. The same declaration is
-    meant to run per sample in DataLoader workers (today) or batched on the device (speed issue).
+    grayscale -> Gaussian blur -> solarize. Probabilities are per sample. The same declaration runs per
+    sample in DataLoader workers or batched on the device (``data.executor``).
     """
 
     size: int = MISSING

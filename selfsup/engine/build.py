@@ -32,8 +32,9 @@ def build(node: Any, **kwargs: Any) -> Any:
 
 
 def build_dataset(node: Any, split: str) -> ImageDataset:
-    """The ``dataset`` node (its ``hints`` are for the backbone config, not the constructor)."""
-    plain = {k: v for k, v in to_plain(node).items() if k != "hints"}
+    """The ``dataset`` node (its ``hints`` are for the backbone config and ``cache`` for the trainer, not the
+    constructor)."""
+    plain = {k: v for k, v in to_plain(node).items() if k not in ("hints", "cache")}
     return build(plain, split=split)
 
 

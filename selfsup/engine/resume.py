@@ -1,8 +1,9 @@
 """What may change when a run is resumed (the rule, applied by the trainer):
 
 * **Free to change** — how the run is executed or watched, not what it learns: ``device``,
-  ``precision``, ``compile``, ``channels_last``, ``fused_optimizer``, ``deterministic``, ``loader.*``,
-  ``checkpoint.*``, ``log.*``, ``knn.*``, ``dist.*``, ``launcher.*`` (and ``resume`` itself).
+  ``precision``, ``compile``, ``compile_mode``, ``channels_last``, ``fused_optimizer``, ``deterministic``,
+  ``dataset.cache``, ``data.decode``, ``loader.*``, ``checkpoint.*``, ``log.*``, ``knn.*``, ``dist.*``,
+  ``launcher.*`` (and ``resume`` itself). (``data.executor`` is not: the two executors draw other views.)
 * **Re-planned** — ``schedule.epochs``: the remaining steps follow the schedule of the new length (the
   lr at the resume step is that schedule's, so it can jump when the length changes; the log says so).
 * **Allowed with a warning** — ``dataset.root`` / ``dataset.val_root`` (the same data moved).
@@ -28,9 +29,12 @@ FREE = (
     "device",
     "precision",
     "compile",
+    "compile_mode",
     "channels_last",
     "fused_optimizer",
     "deterministic",
+    "dataset.cache",
+    "data.decode",
     "loader.",
     "checkpoint.",
     "log.",
@@ -39,6 +43,8 @@ FREE = (
     "launcher.",
 )
 REPLANNED = ("schedule.epochs",)
+# what a checkpoint written before a setting existed ran with (its config lacks the key)
+ABSENT_MEANS = {"data.executor": "per_sample"}
 WARNED = ("dataset.root", "dataset.val_root")
 
 
@@ -59,6 +65,8 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
 def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``key -> (checkpoint's value, current value)`` for every setting that differs."""
     a, b = flatten(old), flatten(new)
+    for key, value in ABSENT_MEANS.items():
+        a.setdefault(key, value)
     return {
         k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)
     }

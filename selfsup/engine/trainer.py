@@ -18,7 +18,7 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +30,27 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
 from selfsup import distributed
 from selfsup.algorithms.base import Algorithm, Batch
 from selfsup.config import Precision, TrainConfig, to_plain, typed
-from selfsup.data.datasets import ImageDataset
-from selfsup.data.loader import SeededViews, resolve_workers, train_loader
+from selfsup.data.batched import BatchedViews
+from selfsup.data.datasets import Cache, ImageDataset, ImageFolder, resident_images
+from selfsup.data.loader import (
+    Decode,
+    Executor,
+    ResidentLoader,
+    SeededCrops,
+    SeededFiles,
+    SeededViews,
+    collate_files,
+    decode_files,
+    epoch_sampler,
+    resolve_cache,
+    resolve_workers,
+    train_loader,
+)
 from selfsup.data.views import Normalize, view_sizes
 from selfsup.engine import checkpoint as ckpt_io
 from selfsup.engine import resume as resume_rule
@@ -52,6 +66,9 @@ from selfsup.eval.knn import KNNMonitor
 from selfsup.models.sync_batchnorm import convert_sync_batchnorm
 
 log = logging.getLogger("selfsup")
+
+# torch.compile's modes (compile=true): reduce-overhead adds CUDA graphs, max-autotune searches kernels
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # what SLURM sends before a time limit or a preemption (USR1 / USR2 with --signal, TERM), and kill's default:
 # the run stops at the next step boundary with a checkpoint of that step
@@ -111,7 +128,24 @@ class Trainer:
                 why,
             )
         self.view_sizes = view_sizes(c.algo.views)  # the side of every view the algorithm receives
-        self.train_views = SeededViews(self.train_set, view_pipelines(c))
+        self.executor = Executor(c.data.executor)
+        cache = Cache(getattr(c.dataset, "cache", Cache.auto))
+        self.cache = resolve_cache(cache, self.train_set, self.device, self.executor)
+        self.batched = BatchedViews(c.algo.views) if self.executor is Executor.batched else None
+        self.resident: tuple[Tensor, Tensor] | None = None
+        self.train_views: Dataset | None = None
+        if self.batched is None:
+            self.train_views = SeededViews(self.train_set, view_pipelines(c))
+        elif Decode(c.data.decode) is Decode.device:
+            if self.cache is not Cache.none or not isinstance(self.train_set, ImageFolder):
+                raise ConfigError(
+                    "data.decode=device decodes the JPEGs of an image folder read through workers; it needs "
+                    f"dataset=imagefolder with dataset.cache=none (got {type(self.train_set).__name__}, cache "
+                    f"{self.cache.value}); drop data.decode=device or set dataset.cache=none"
+                )
+            self.train_views = SeededFiles(self.train_set)
+        elif self.cache is Cache.none:
+            self.train_views = SeededCrops(self.train_set, self.batched)
 
         # ---- model
         self.algo: Algorithm = build_algorithm(c, len(self.train_set))
@@ -129,6 +163,10 @@ class Trainer:
             self.algo.to(memory_format=torch.channels_last)
         self.normalize = Normalize(self.train_set.mean, self.train_set.std, self.device, channels_last)
         self.num_workers = resolve_workers(c.loader.num_workers, self.device)
+        if self.cache in (Cache.memory, Cache.device):  # decoded once; on the device for cache=device
+            images, labels = resident_images(self.train_set, self.num_workers)
+            where = self.device if self.cache is Cache.device else torch.device("cpu")
+            self.resident = images.to(where), labels.to(where)
 
         # ---- optimisation
         ws, bs, acc = self.env.world_size, c.schedule.batch_size, c.schedule.accumulate  # >= 1: ScheduleConfig
@@ -179,11 +217,15 @@ class Trainer:
         self._stop_signal: int | None = None  # the stop signal (USR1/USR2/TERM), None for Ctrl-C
         self._stop_after_epoch = False  # a stop asked at an epoch's last step: after its checkpoint
         self._fit_start_time, self._fit_start_step = time.perf_counter(), 0
+        self._aug_time = 0.0  # seconds the batched executor spent making views (since the last log line)
+        self.aug_seconds = 0.0  # ... in the whole run
         self._maybe_resume(c.resume)
 
+        if c.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"compile_mode={c.compile_mode!r} must be one of {', '.join(COMPILE_MODES)}")
         if c.compile:
             for module in self.algo.compile_targets():
-                module.compile()
+                module.compile(mode=None if c.compile_mode == "default" else c.compile_mode)
         self.model: nn.Module = self.algo
         if ws > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -329,8 +371,14 @@ class Trainer:
         return self.checkpoints.save(self.state.epoch, self.state.step, final, extra, epoch_end=epoch_end)
 
     # ------------------------------------------------------------------ training
-    def _loader(self, epoch: int, skip_batches: int = 0, order: Tensor | None = None) -> DataLoader:
+    def loader(self, epoch: int, skip_batches: int = 0, order: Tensor | None = None) -> Iterable[dict[str, Any]]:
         c = self.cfg
+        if self.resident is not None:
+            ws, rank = self.env.world_size, self.env.rank
+            bs = c.schedule.batch_size
+            sampler = epoch_sampler(len(self.train_set), bs, epoch, self.seed, rank, ws, skip_batches, order)
+            return ResidentLoader(*self.resident, sampler, bs)
+        assert self.train_views is not None
         return train_loader(
             self.train_views,
             c.loader,
@@ -343,6 +391,7 @@ class Trainer:
             self.device,
             skip_batches,
             order,
+            collate_files if isinstance(self.train_views, SeededFiles) else None,
         )
 
     def _check_finite(self, loss: float) -> None:
@@ -355,8 +404,27 @@ class Trainer:
             )
 
     def to_device(self, batch: dict[str, Any]) -> Batch:
-        """A loader batch (uint8 views) -> a normalised batch on the device (a hand-made batch without
-        ``view_targets`` / ``masks`` gets -1 targets and no masks)."""
+        """A loader batch -> a normalised batch on the device. The batch holds uint8 views (per-sample
+        executor), or source images / worker-cut crops and their seeds, which the batched executor turns into
+        views here (timed: ``aug_s``). A hand-made batch without ``view_targets`` / ``masks`` gets -1 targets
+        and no masks."""
+        if "seeds" in batch:
+            t0 = time.perf_counter()
+            assert self.batched is not None
+            seeds = batch["seeds"].to(self.device, non_blocking=True)
+            with torch.no_grad():
+                if "data" in batch:  # data.decode=device: JPEG bytes -> images -> crops, all on the device
+                    paths = [self.train_set.samples[i][0] for i in batch["index"].tolist()]  # type: ignore[attr-defined]
+                    images = decode_files(batch["data"], self.device, paths)
+                    crops = self.batched.crops_of(images, batch["seeds"].tolist())
+                    made = self.batched(None, seeds, cropped=crops)
+                elif "crops" in batch:
+                    crops = [c.to(self.device, non_blocking=True) for c in batch["crops"]]
+                    made = self.batched(None, seeds, cropped=crops)
+                else:
+                    made = self.batched(batch["images"].to(self.device, non_blocking=True), seeds)
+            batch = {**batch, "views": made[0], "view_targets": made[1], "masks": made[2]}
+            self._aug_time += time.perf_counter() - t0
         views = batch["views"]
         targets = batch.get("view_targets")
         if targets is None:
@@ -434,7 +502,7 @@ class Trainer:
         t_window = t_epoch = t_ready = time.perf_counter()
         data_time = 0.0
         micro_limit = (steps_per_epoch - done) * acc
-        for i, batch in enumerate(self._loader(self.state.epoch, done * acc, order)):
+        for i, batch in enumerate(self.loader(self.state.epoch, done * acc, order)):
             if i >= micro_limit:
                 break
             data_time += time.perf_counter() - t_ready  # waiting for the loader
@@ -464,7 +532,8 @@ class Trainer:
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "img_per_s": seen / max(elapsed, 1e-9),
                     "data_s": data_time,  # of this window: waiting for batches ...
-                    "compute_s": max(0.0, elapsed - data_time),  # ... and everything else
+                    "aug_s": self._aug_time,  # ... making views on the device (batched executor) ...
+                    "compute_s": max(0.0, elapsed - data_time - self._aug_time),  # ... and everything else
                     "peak_mem_gib": peak_memory_gib(self.device),
                     "eta_s": self._eta(now),
                 }
@@ -477,6 +546,8 @@ class Trainer:
                 loss_sum.zero_()
                 extra_sums = {}
                 seen, window_micro, data_time = 0, 0, 0.0
+                self.aug_seconds += self._aug_time
+                self._aug_time = 0.0
                 t_window = t_ready = time.perf_counter()
             else:
                 progress.update(step_in_epoch)

@@ -8,7 +8,8 @@ model + optimizer step alone, without the data pipeline. Prints one line per run
     python -m selfsup.tools.benchmark_step --steps 30 -- algo=simclr backbone=resnet50 \\
         dataset=fake dataset.image_size=224 schedule.batch_size=256 compile=true
 
-Options before ``--`` are the benchmark's; everything after it are Hydra overrides.
+Options before ``--`` are the benchmark's; everything after it are Hydra overrides. ``--lars`` times the LARS
+optimizer step alone on the run's model, the multi-tensor (foreach) step against the per-parameter loop.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from selfsup.algorithms.base import Batch
-from selfsup.config import compose
+from selfsup.config import compose, typed
 
 
 def benchmark(overrides: list[str], steps: int = 20, warmup: int = 5) -> dict[str, Any]:
@@ -40,14 +41,8 @@ def benchmark(overrides: list[str], steps: int = 20, warmup: int = 5) -> dict[st
         views = [
             torch.randn(bs, 3, s, s, device=device).contiguous(memory_format=memory_format) for s in trainer.view_sizes
         ]
-        item = trainer.train_views[(0, 0)]  # one real item: the views' targets and masks
-        batch: Batch = {
-            "views": views,
-            "view_targets": item["view_targets"].to(device).expand(bs, -1),
-            "masks": {k: m.to(device).expand(bs, *m.shape) for k, m in item["masks"].items()},
-            "index": torch.randint(0, len(trainer.train_set), (bs,), device=device),
-            "label": torch.zeros(bs, dtype=torch.long, device=device),
-        }
+        real = trainer.to_device(next(iter(trainer.loader(0))))  # one real batch: the views' targets and masks
+        batch: Batch = {**real, "views": views}
         trainer.algo.on_train_start(trainer)
         trainer.model.train()
         if device.type == "cuda":
@@ -78,6 +73,34 @@ def benchmark(overrides: list[str], steps: int = 20, warmup: int = 5) -> dict[st
         }
 
 
+def lars_step_ms(overrides: list[str], steps: int = 20) -> dict[str, float]:
+    """Milliseconds per LARS step on the run's model (random gradients): foreach vs the per-parameter loop."""
+    from selfsup.engine.build import build_algorithm
+    from selfsup.engine.lars import LARS
+    from selfsup.engine.optim import param_groups
+
+    cfg = typed(compose(["knn.enabled=false", *overrides]))
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
+    out: dict[str, float] = {}
+    for foreach in (False, True):
+        algo = build_algorithm(cfg, 1024).to(device)
+        groups = param_groups(algo, cfg.algo.optimizer, 0.1)
+        opt = LARS(groups, lr=0.1, momentum=0.9, weight_decay=1e-6, foreach=foreach)
+        for p in algo.parameters():
+            p.grad = torch.randn_like(p) if p.requires_grad else None
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        for _ in range(3):
+            opt.step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        sync()
+        out["foreach" if foreach else "loop"] = 1000 * (time.perf_counter() - t0) / steps
+    out["params"] = float(sum(1 for p in algo.parameters() if p.requires_grad))
+    return out
+
+
 def format_result(r: dict) -> str:
     mode = "compiled" if r["compiled"] else "eager"
     return (
@@ -95,8 +118,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--lars", action="store_true", help="time the LARS step alone: foreach vs loop")
     args = parser.parse_args(own)
     logging.basicConfig(level=logging.WARNING)
+    if args.lars:
+        r = lars_step_ms(overrides, args.steps)
+        print(
+            f"LARS step over {r['params']:.0f} parameter tensors: foreach {r['foreach']:.2f} ms, "
+            f"loop {r['loop']:.2f} ms ({r['loop'] / r['foreach']:.1f}x)",
+            flush=True,
+        )
+        return
     print(format_result(benchmark(overrides, args.steps, args.warmup)), flush=True)
 
 

@@ -90,7 +90,7 @@ def _loss_on_fixed_batches(trainer) -> float:
     the only thing that changes the value is a change of the weights."""
     trainer.algo.train()
     losses = []
-    for i, batch in enumerate(trainer._loader(0)):
+    for i, batch in enumerate(trainer.loader(0)):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(i)
             losses.append(trainer.algo(trainer.to_device(batch))["loss"].item())

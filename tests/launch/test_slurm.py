@@ -275,7 +275,9 @@ def test_two_tasks_in_one_job_train_like_one_process(slurm, tmp_path):
     from selfsup.engine.trainer import Trainer
 
     init_weights = Trainer(init, tmp_path / "init").algo.state_dict()
-    for name, bound in (("epoch_0001.pt", 1e-4), ("last.pt", 1e-2)):
+    # the first step to float precision; after two, rounding amplified through BatchNorm (see
+    # tests/test_distributed.py::test_training_two_processes_equals_one_process): 3% of the update
+    for name, bound in (("epoch_0001.pt", 1e-4), ("last.pt", 3e-2)):
         errors = relative_update_error(init_weights, _model(one_dir / name), _model(two_dir / name))
         assert len(errors) > 70, name  # weights and BN statistics of backbone and heads moved
         worst = max(errors, key=errors.get)
