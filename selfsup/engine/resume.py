@@ -66,7 +66,8 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[A
     """``key -> (checkpoint's value, current value)`` for every setting that differs."""
     a, b = flatten(old), flatten(new)
     for key, value in ABSENT_MEANS.items():
-        a.setdefault(key, value)
+        if key in b:
+            a.setdefault(key, value)
     return {
         k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)
     }
