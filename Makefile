@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+# pytest-xdist processes for make test / test-fast (auto: one per core; each file runs in one of them)
+TEST_WORKERS ?= auto
 # the one-node SLURM cluster on localhost that tests/launch/test_slurm.py submits to (scripts: ../shared/slurm)
 SLURM_SCRIPTS ?= ../shared/slurm
 SLURM_UP_CPUS ?= 4
@@ -26,11 +28,11 @@ install: $(STAMP) ## create .venv and install selfsup with the dev extras (pip i
 train: $(STAMP) ## default pretraining (SimCLR, ResNet-18, digits, CPU minute); extra overrides: make train ARGS="algo=odc"
 	$(BIN)/python -m selfsup.train $(ARGS)
 
-test: $(STAMP) ## the whole test suite (CPU; about 50 min on 2 cores with the SLURM cluster up, see make slurm-up)
-	$(BIN)/python -m pytest -q
+test: $(STAMP) ## the whole test suite on every core (CPU; see README "Development" for times; make slurm-up first)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-test-fast: $(STAMP) ## the quicker subset: pytest -m "not slow" (about 18 min on 2 cores)
-	$(BIN)/python -m pytest -q -m "not slow"
+test-fast: $(STAMP) ## the quicker subset: pytest -m "not slow", on every core
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 mutants: $(STAMP) ## plant known bugs in a copy of the repo, one at a time: the tests guarding each must fail (ARGS="mae lr" picks some)
 	$(BIN)/python tests/mutants.py $(ARGS)

@@ -31,6 +31,24 @@ FAST = [
 ]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test``: ``-n auto --dist loadfile``) each worker gets its share of the cores
+    for torch's threads, so that the workers do not oversubscribe them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped where torch sees no CUDA GPU (CI; the GPU check script runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (selfsup/tools/gpu_check.sh runs these on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def compose_cfg(overrides: list[str] | None = None, fast: bool = True, **kwargs) -> DictConfig:
     """The config ``python -m selfsup.train <overrides>`` would get (plus the FAST settings)."""
     return compose((FAST if fast else []) + list(overrides or []), **kwargs)

@@ -673,6 +673,18 @@ MUTANTS = [
         (('"crops": self.executor.crops(image, seed)', '"crops": self.executor.crops(image, 0)'),),
         ("tests/data/test_data_path.py::test_every_cache_mode_and_worker_count_gives_the_same_views",),
     ),
+    Mutant(
+        "compile-mode-ignored",
+        "selfsup/engine/trainer.py",
+        (("if c.compile:\n", "if False:\n"),),
+        ("tests/engine/test_compile.py::test_a_compiled_run_trains_like_the_eager_one[cpu-reduce-overhead-0.0001]",),
+    ),
+    Mutant(
+        "views-time-not-summed",
+        "selfsup/engine/trainer.py",
+        (("self.aug_seconds += self._aug_time", "self.aug_seconds = self._aug_time"),),
+        ("tests/test_cli.py::test_a_run_prints_where_its_outputs_are",),
+    ),
 ]
 
 

@@ -7,11 +7,12 @@ started together (a module fixture, as many at a time as there are cores): each 
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,37 @@ def _prepare(case: str, tmp: Path) -> None:
         (tmp / "old_run" / "last.pt").write_bytes(b"")  # the folder message only looks for the file
 
 
+def cli_many(commands: list[list[str]], outputs: list[Path]) -> list[subprocess.CompletedProcess]:
+    """``python -m selfsup.train <args>`` for each command line, with ``cli``'s environment, run as ``__main__`` in
+    children forked from one process that imported it (``tests/cli_fork.py``): the interpreter start and the
+    imports (~3 s of CPU each) are paid once, not per command line. Each command's output goes to files named
+    after ``outputs``."""
+    requests = [
+        {"args": args, "cwd": str(REPO), "env": {}, "stdout": str(out) + ".out", "stderr": str(out) + ".err"}
+        for args, out in zip(commands, outputs, strict=True)
+    ]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "-1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    env["SELFSUP_FORK_JOBS"] = str(max(2, os.cpu_count() or 2))
+    server = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "cli_fork.py")],
+        input="".join(json.dumps(r) + "\n" for r in requests),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert server.returncode == 0, server.stderr[-3000:]
+    codes = [json.loads(line)["code"] for line in server.stdout.splitlines()]
+    return [
+        subprocess.CompletedProcess(
+            ["selfsup.train", *r["args"]], code, Path(r["stdout"]).read_text(), Path(r["stderr"]).read_text()
+        )
+        for r, code in zip(requests, codes, strict=True)
+    ]
+
+
 @pytest.fixture(scope="module")
 def bad_input_runs(request, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
     """The selected bad-input cases, run side by side (one epoch each, should a check be missing)."""
@@ -201,15 +233,14 @@ def bad_input_runs(request, tmp_path_factory) -> dict[str, tuple[subprocess.Comp
         for item in request.session.items
         if item.originalname == "test_bad_input_gives_one_line" and hasattr(item, "callspec")
     ]
-
-    def run(case: str) -> tuple[subprocess.CompletedProcess, Path]:
-        tmp = tmp_path_factory.mktemp(case)
+    tmps = [tmp_path_factory.mktemp(case) for case in selected]
+    commands = []
+    for case, tmp in zip(selected, tmps, strict=True):
         _prepare(case, tmp)
         args = [a.replace("{tmp}", str(tmp)) for a in BAD_INPUT[case][0]]
-        return cli(*CPU, "schedule.epochs=1", *args, f"hydra.run.dir={tmp / 'run'}"), tmp
-
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        return dict(zip(selected, pool.map(run, selected)))
+        commands.append([*CPU, "schedule.epochs=1", *args, f"hydra.run.dir={tmp / 'run'}"])
+    procs = cli_many(commands, [tmp / "cli" for tmp in tmps])
+    return dict(zip(selected, zip(procs, tmps, strict=True), strict=True))
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
@@ -260,11 +291,16 @@ def test_full_traceback_on_request(tmp_path):
 
 
 def test_a_run_prints_where_its_outputs_are(tmp_path):
-    proc = cli(*tiny("simclr"), "device=cpu", "loader.num_workers=0", f"hydra.run.dir={tmp_path}")
+    proc = cli(*tiny("simclr"), "device=cpu", "loader.num_workers=0", "log.interval=1", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert f"run dir:     {tmp_path}" in out and "last.pt" in out and "metrics.jsonl" in out
     assert "kNN top-1" in out and "random init" in out and "trained" in out
+    # the time spent making views: the sum of the aug_s of every log line
+    made = re.search(r"views: +made in ([\d.]+) s on cpu \(([\d.]+)% of the run", out)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    aug = sum(r["aug_s"] for r in records if r["kind"] == "train")
+    assert made and float(made.group(1)) == pytest.approx(aug, abs=0.0051) and aug > 0, out
     files = {p.name for p in tmp_path.iterdir()}
     assert {"config.yaml", "train.log", "metrics.jsonl", "last.pt", "epoch_0001.pt"} <= files
     assert any((tmp_path / "tb").iterdir())  # TensorBoard event file

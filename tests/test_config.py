@@ -276,12 +276,14 @@ SHRINK: dict[str, list[str]] = {
 
 def small_size(cfg) -> list[str]:
     """What every recipe needs for one step on a few 64 px images in seconds: no lr steps (their epochs lie
-    beyond 1), 32 px crops where a view has its own larger size (multi-crop's 96 px), heads of at most 512
-    (Barlow Twins' and VICReg's 8192 x 8192, DINO's 65,536 outputs: minutes and GiBs on a CPU), ViTs of
-    2 blocks with ImageNet's 16 px patches."""
+    beyond 1), 32 px crops where a view has its own larger size (multi-crop's 96 px), the recipes' ImageNet
+    stem for ResNets (the fake data's hint is CIFAR's 3x3 stem: ResNet-50 at full resolution, 20 s a step),
+    heads of at most 512 (Barlow Twins' and VICReg's 8192 x 8192, DINO's 65,536 outputs: minutes and GiBs on
+    a CPU), ViTs of 2 blocks with ImageNet's 16 px patches."""
     out = ["schedule.milestones=[]"] if cfg.schedule.get("milestones") else []
     views = enumerate(cfg.algo.views)
-    out += [f"algo.views.{i}.size=32" for i, v in views if isinstance(v.size, int) and v.size > 64 and not v.grid]
+    out += [f"algo.views.{i}.size=32" for i, v in views if isinstance(v.size, int) and v.size > 64 and not v.grid.cells]
+    out += ["backbone.stem=imagenet"] if "stem" in cfg.backbone else []
     out += [f"algo.model.{k}=512" for k in ("hidden_dim", "out_dim") if cfg.algo.model.get(k, 0) > 2048]
     vit = cfg.backbone.get("depth", 0) > 2  # 2 blocks (a ViT-B checkpoint: ~1 GiB), 16 px patches (fake: 4 px)
     out += ["backbone.depth=2", "backbone.patch_size=16"] if vit else []

@@ -169,7 +169,7 @@ def sample_params(spec: ViewConfig, seeds: Tensor, height: Tensor, width: Tensor
 
 
 # ---------------------------------------------------------------------------------------------- geometry
-def _maps(p: ViewParams, size: int, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _maps(p: ViewParams, size: int, height: int, width: int) -> tuple[Tensor, Tensor]:
     """Per image, in grid_sample's normalised coordinates (align_corners=False): the 2 x 3 map ``to_crop`` of an
     output position u to v = M diag(s, 1) u - M t_n, where it lands in the crop-resized image before the rotation
     (M torchvision's inverse rotation [[cos, sin], [-sin, cos]], s = -1 for a flip, t_n the shift), and the
@@ -189,7 +189,7 @@ def _maps(p: ViewParams, size: int, height: int, width: int) -> tuple[Tensor, Te
     # pixels extend outwards (edge replication), so sampling never reads past them
     lo = torch.stack([(2 * j + 1) / width - 1, (2 * i + 1) / height - 1], -1)
     hi = torch.stack([(2 * (j + w) - 1) / width - 1, (2 * (i + h) - 1) / height - 1], -1)
-    return to_crop.float(), torch.stack([scale, centre, lo, hi], 1).float(), s, t_n  # [B, 2, 3], [B, 4, 2]
+    return to_crop.float(), torch.stack([scale, centre, lo, hi], 1).float()  # [B, 2, 3], [B, 4, 2]
 
 
 def supersampling(height: int, width: int, size: int) -> int:
@@ -205,7 +205,7 @@ def geometry(images: Tensor, p: ViewParams, spec: ViewConfig) -> Tensor:
     sampled at the pixel centres (plain bilinear, as torchvision resizes up)."""
     b, c, height, width = images.shape
     size = int(spec.size)
-    to_crop, to_source, _, _ = _maps(p, size, height, width)
+    to_crop, to_source = _maps(p, size, height, width)
     k = supersampling(height, width, size)
     dev = images.device
     centres = (torch.arange(size, device=dev, dtype=torch.float32) * 2 + 1) / size - 1  # [size]

@@ -528,15 +528,16 @@ class ImageFolder(ImageDataset):
         return int(self.unreadable.sum())
 
 
-def resident_images(dataset: ImageDataset, workers: int = 0) -> tuple[Tensor, Tensor]:
-    """(uint8 [N, 3, S, S] images, int64 [N] labels) of a whole split, for ``dataset.cache=memory|device``.
-    In-memory datasets give their own tensors; any other is decoded once, each image resized (short side) and
-    centre-cropped to ``image_size`` (a folder of 32 px CIFAR JPEGs stays as it is)."""
+def resident_images(dataset: ImageDataset, workers: int = 0, limit: int | None = None) -> tuple[Tensor, Tensor]:
+    """(uint8 [N, 3, S, S] images, int64 [N] labels) of a whole split, for ``dataset.cache=memory|device``
+    (of its first ``limit`` images if given). In-memory datasets give their own tensors; any other is decoded
+    once, each image resized (short side) and centre-cropped to ``image_size`` (a folder of 32 px CIFAR JPEGs
+    stays as it is)."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
     if isinstance(dataset, InMemoryImages):
-        return dataset.images, dataset.labels
+        return dataset.images[:n], dataset.labels[:n]
     s = dataset.image_size
     fit = v2.Compose([v2.Resize(s, antialias=True), v2.CenterCrop(s)])
-    n = len(dataset)
     log.info("dataset.cache: decoding %d images once to %d x %d (%.2f GiB of uint8)", n, s, s, n * 3 * s * s / 2**30)
     images = torch.empty(n, 3, s, s, dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.long)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -156,29 +156,33 @@ class SeededFiles(Dataset):
 
 
 def collate_files(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch of :class:`SeededFiles` items: the files' bytes as a list, the rest as tensors."""
+    """Batch of :class:`SeededFiles` items: the files' bytes end to end in one uint8 tensor ("data", split it
+    with "lengths"), the rest as tensors. One block per batch crosses from a worker, and a copy: the tensors of
+    ``read_file`` are backed by the file itself and cannot be shared with another process."""
     return {
-        "data": [r["data"] for r in rows],
+        "data": torch.cat([r["data"] for r in rows]),
+        "lengths": torch.tensor([len(r["data"]) for r in rows], dtype=torch.long),
         "seeds": torch.tensor([r["seeds"] for r in rows], dtype=torch.long),
         "index": torch.tensor([r["index"] for r in rows], dtype=torch.long),
         "label": torch.tensor([r["label"] for r in rows], dtype=torch.long),
     }
 
 
-def decode_files(data: list[Tensor], device: torch.device, paths: list[str]) -> list[Tensor]:
-    """uint8 [3, H, W] RGB images on ``device`` from JPEG bytes (one ``decode_jpeg`` call for the batch)."""
+def decode_files(data: list[Tensor], device: torch.device, path_of: Callable[[int], str]) -> list[Tensor]:
+    """uint8 [3, H, W] RGB images on ``device`` from JPEG bytes (one ``decode_jpeg`` call for the batch).
+    ``path_of(i)`` names the batch's i-th file; it is asked only when a file cannot be decoded."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
         return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
-        for d, path in zip(data, paths, strict=True):  # name the file
+        for i, d in enumerate(data):  # name the file
             try:
                 decode_jpeg(d, mode=ImageReadMode.RGB)
             except RuntimeError as e:
                 raise DataError(
-                    f"data.decode=device decodes JPEG files only and cannot read {path} ({e}); convert it to JPEG, "
-                    "remove it, or use data.decode=cpu"
+                    f"data.decode=device decodes JPEG files only and cannot read {path_of(i)} ({e}); convert it to "
+                    "JPEG, remove it, or use data.decode=cpu"
                 ) from None
         raise
 

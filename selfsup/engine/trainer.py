@@ -218,7 +218,7 @@ class Trainer:
         self._stop_after_epoch = False  # a stop asked at an epoch's last step: after its checkpoint
         self._fit_start_time, self._fit_start_step = time.perf_counter(), 0
         self._aug_time = 0.0  # seconds the batched executor spent making views (since the last log line)
-        self.aug_seconds = 0.0  # ... in the whole run
+        self.aug_seconds = 0.0  # ... in this fit (the run summary reports it)
         self._maybe_resume(c.resume)
 
         if c.compile_mode not in COMPILE_MODES:
@@ -414,8 +414,8 @@ class Trainer:
             seeds = batch["seeds"].to(self.device, non_blocking=True)
             with torch.no_grad():
                 if "data" in batch:  # data.decode=device: JPEG bytes -> images -> crops, all on the device
-                    paths = [self.train_set.samples[i][0] for i in batch["index"].tolist()]  # type: ignore[attr-defined]
-                    images = decode_files(batch["data"], self.device, paths)
+                    files = list(batch["data"].split(batch["lengths"].tolist()))
+                    images = decode_files(files, self.device, lambda i: self._path(batch["index"][i]))
                     crops = self.batched.crops_of(images, batch["seeds"].tolist())
                     made = self.batched(None, seeds, cropped=crops)
                 elif "crops" in batch:
@@ -436,6 +436,10 @@ class Trainer:
             "index": batch["index"].to(self.device, non_blocking=True),
             "label": batch["label"].to(self.device, non_blocking=True),
         }
+
+    def _path(self, index: Tensor) -> str:
+        """The file of training image ``index`` (an image folder's)."""
+        return str(self.train_set.samples[int(index)][0])  # type: ignore[attr-defined]
 
     def _apply_weight_decay_schedule(self) -> None:
         """Cosine weight decay from ``algo.optimizer.weight_decay`` to ``weight_decay_end`` (DINO)."""
@@ -746,6 +750,12 @@ class Trainer:
             f"  checkpoints: {on_disk}",
             f"  logs:        {self.run_dir / 'train.log'}, {self.run_dir / 'metrics.jsonl'}, {self.run_dir / 'tb'}",
         ]
+        if self.batched is not None:
+            share = 100 * self.aug_seconds / max(r.seconds, 1e-9)
+            lines.append(
+                f"  views:       made in {self.aug_seconds:.2f} s on {self.device.type} ({share:.1f}% of the run; "
+                "aug_s per log line in metrics.jsonl)"
+            )
         unreadable = self.unreadable_count()
         if unreadable:
             lines.append(f"  unreadable images skipped: {unreadable} (named in the warnings above)")

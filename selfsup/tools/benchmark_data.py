@@ -94,81 +94,116 @@ def compare_libraries(specs: list[Any], images: torch.Tensor, repeats: int) -> l
     return rows
 
 
-def benchmark(overrides: list[str], batches: int = 10, repeats: int = 5, compare: bool = False) -> list[dict[str, Any]]:
-    """One row per measurement: {"what", "mode", "device", "img_per_s", ...}."""
+SECTIONS = ("views", "loader", "train")
+
+
+def benchmark(
+    overrides: list[str], batches: int = 10, repeats: int = 5, compare: bool = False, what: tuple[str, ...] = SECTIONS
+) -> list[dict[str, Any]]:
+    """One row per measurement of each section in ``what``: {"what", "mode", "device", "img_per_s", ...}."""
+    from selfsup.engine.trainer import Trainer
+
+    unknown = set(what) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    base = ["knn.enabled=false", "log.tensorboard=false", *overrides]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(compose(base), run_dir)
+        device, bs = trainer.device, int(trainer.cfg.schedule.batch_size)
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        steps = min(batches, len(trainer.train_set) // bs)
+        if "views" in what:
+            rows += _views(trainer, repeats, compare, sync)
+        if "loader" in what:
+            rows += _loaders(trainer, base, batches, steps, sync)
+        if "train" in what:
+            rows.append(_train(trainer, overrides, batches, steps, sync))
+    return rows
+
+
+def _views(trainer: Any, repeats: int, compare: bool, sync: Callable[[], None]) -> list[dict[str, Any]]:
+    """The view pipeline alone on one batch: per-sample (torchvision per image, seeding included; the reference)
+    and batched, on the CPU and on the run's GPU."""
     from selfsup.data.batched import BatchedViews
     from selfsup.data.datasets import resident_images
     from selfsup.data.loader import SeededViews
     from selfsup.engine.build import view_pipelines
-    from selfsup.engine.trainer import Trainer
-    from selfsup.tools.benchmark_step import benchmark as step_benchmark
 
-    base = ["knn.enabled=false", "log.tensorboard=false", *overrides]
-    cfg = compose(base)
+    n = min(len(trainer.train_set), int(trainer.cfg.schedule.batch_size))
+    if trainer.resident is not None:  # the run's own cache (memory or device): decoded once already
+        batch = trainer.resident[0][:n].cpu()
+    else:
+        batch = resident_images(trainer.train_set, trainer.num_workers, limit=n)[0]
+    seeds = torch.arange(n, dtype=torch.long) * 1_000_003 + 7
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, run_dir)
-        device, bs = trainer.device, int(cfg.schedule.batch_size)
-        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        images, _ = resident_images(trainer.train_set, trainer.num_workers)
-        n = min(len(images), bs)
-        seeds = torch.arange(n, dtype=torch.long) * 1_000_003 + 7
-        batch = images[:n]
+    per_sample = SeededViews(trainer.train_set, view_pipelines(trainer.cfg))
+    keys = [(i, int(seeds[i])) for i in range(n)]
+    rate = _rate(lambda: default_collate([per_sample[k] for k in keys]), n, max(1, repeats // 2), lambda: None)
+    rows.append({"what": "views", "mode": "per_sample", "device": "cpu", "img_per_s": rate})
+    executor = BatchedViews(trainer.cfg.algo.views)
+    rate = _rate(lambda: executor(batch, seeds), n, repeats, lambda: None)
+    rows.append({"what": "views", "mode": "batched", "device": "cpu", "img_per_s": rate})
+    if compare:
+        rows += compare_libraries(list(trainer.cfg.algo.views), batch, repeats)
+    if trainer.device.type == "cuda":
+        on_gpu, gpu_seeds = batch.to(trainer.device), seeds.to(trainer.device)
+        rate = _rate(lambda: executor(on_gpu, gpu_seeds), n, repeats * 4, sync)
+        rows.append({"what": "views", "mode": "batched", "device": trainer.device.type, "img_per_s": rate})
+    return rows
 
-        # ---- the view pipeline alone
-        per_sample = SeededViews(trainer.train_set, view_pipelines(trainer.cfg))
-        keys = [(i, int(seeds[i])) for i in range(n)]
-        rate = _rate(lambda: default_collate([per_sample[k] for k in keys]), n, max(1, repeats // 2), lambda: None)
-        rows.append({"what": "views", "mode": "per_sample", "device": "cpu", "img_per_s": rate})
-        executor = BatchedViews(trainer.cfg.algo.views)
-        rate = _rate(lambda: executor(batch, seeds), n, repeats, lambda: None)
-        rows.append({"what": "views", "mode": "batched", "device": "cpu", "img_per_s": rate})
-        if compare:
-            rows += compare_libraries(list(trainer.cfg.algo.views), batch, repeats)
-        if device.type == "cuda":
-            on_gpu, gpu_seeds = batch.to(device), seeds.to(device)
-            rate = _rate(lambda: executor(on_gpu, gpu_seeds), n, repeats * 4, sync)
-            rows.append({"what": "views", "mode": "batched", "device": device.type, "img_per_s": rate})
 
-        # ---- the loader of each cache mode (+ the executor on the device), no model
-        def drain(t: Trainer) -> Callable[[], None]:
-            def run() -> None:
-                for i, b in enumerate(t.loader(0)):
-                    if i >= batches:
-                        break
-                    t.to_device(b)
+def _loaders(trainer: Any, base: list[str], batches: int, steps: int, sync: Callable[[], None]) -> list[dict[str, Any]]:
+    """The loader of each cache mode (+ the executor on the device), no model."""
+    from selfsup.engine.trainer import Trainer
 
-            return run
-
-        steps = min(batches, len(trainer.train_set) // bs)
-        modes = ["none", "memory"] + (["device"] if device.type == "cuda" else [])
-        for mode in modes:
-            with tempfile.TemporaryDirectory() as other:
-                t = Trainer(compose([*base, f"dataset.cache={mode}"]), other)
-                rate = _rate(drain(t), steps * bs, 1, sync)
-                rows.append({"what": "loader", "mode": f"cache={mode}", "device": device.type, "img_per_s": rate})
-
-        # ---- training: real data (the run's own cache and executor) against batches already on the device
-        synthetic = step_benchmark(overrides, steps=max(3, batches), warmup=2)["img_per_s"]
-
-        def train() -> None:
-            for i, b in enumerate(trainer.loader(0)):
+    def drain(t: Trainer) -> Callable[[], None]:
+        def run() -> None:
+            for i, b in enumerate(t.loader(0)):
                 if i >= batches:
                     break
-                trainer.train_step(trainer.to_device(b))
+                t.to_device(b)
 
-        trainer.model.train()
-        rate = _rate(train, steps * bs, 1, sync)
-        rows.append(
-            {
-                "what": "train",
-                "mode": f"data.executor={trainer.executor.value} dataset.cache={trainer.cache.value}",
-                "device": device.type,
-                "img_per_s": rate,
-                "synthetic_img_per_s": synthetic,
-            }
-        )
+        return run
+
+    rows: list[dict[str, Any]] = []
+    device, bs = trainer.device, int(trainer.cfg.schedule.batch_size)
+    modes = ["none", "memory"] + (["device"] if device.type == "cuda" else [])
+    for mode in modes:
+        with tempfile.TemporaryDirectory() as other:  # the run's own mode: its trainer (and its cache)
+            # resident images are decoded once on the CPU: data.decode=device is for cache=none
+            decode = [] if mode == "none" else ["data.decode=cpu"]
+            t = (
+                trainer
+                if mode == trainer.cache.value
+                else Trainer(compose([*base, f"dataset.cache={mode}", *decode]), other)
+            )
+            rate = _rate(drain(t), steps * bs, 1, sync)
+            rows.append({"what": "loader", "mode": f"cache={mode}", "device": device.type, "img_per_s": rate})
     return rows
+
+
+def _train(trainer: Any, overrides: list[str], batches: int, steps: int, sync: Callable[[], None]) -> dict[str, Any]:
+    """Training on real data (the run's own cache and executor) against batches already on the device."""
+    from selfsup.tools.benchmark_step import benchmark as step_benchmark
+
+    synthetic = step_benchmark(overrides, steps=max(3, batches), warmup=2)["img_per_s"]
+
+    def train() -> None:
+        for i, b in enumerate(trainer.loader(0)):
+            if i >= batches:
+                break
+            trainer.train_step(trainer.to_device(b))
+
+    trainer.model.train()
+    rate = _rate(train, steps * int(trainer.cfg.schedule.batch_size), 1, sync)
+    return {
+        "what": "train",
+        "mode": f"data.executor={trainer.executor.value} dataset.cache={trainer.cache.value}",
+        "device": trainer.device.type,
+        "img_per_s": rate,
+        "synthetic_img_per_s": synthetic,
+    }
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
@@ -197,9 +232,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compare", action="store_true", help="also time kornia (if installed) and torchvision v2 on whole batches"
     )
+    parser.add_argument("--what", default=",".join(SECTIONS), help="comma-separated sections (default: all)")
     args = parser.parse_args(own)
     logging.basicConfig(level=logging.WARNING)
-    print(format_rows(benchmark(overrides, args.batches, args.repeats, args.compare)), flush=True)
+    what = tuple(w.strip() for w in args.what.split(",") if w.strip())
+    if not set(what) <= set(SECTIONS):
+        parser.error(f"--what {args.what}: choose sections from {', '.join(SECTIONS)}")
+    print(format_rows(benchmark(overrides, args.batches, args.repeats, args.compare, what)), flush=True)
 
 
 if __name__ == "__main__":

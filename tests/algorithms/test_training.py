@@ -49,8 +49,9 @@ def _build(algo_name: str, dataset: str, n: int, extra: list[str] | None = None)
 # The test gives the recipe's lr, set for a batch of 256 (or 512), to 32 images. Where that 8x step size
 # is too much on the digits, the lr here is the recipe's scaled to 32 images (x 32 / 256) or near it:
 # MoCo's loss climbs back to the plateau of a queue that holds this same batch's older keys (a fixed batch
-# is MoCo's worst case), VICReg's diverges.
-FIXED_BATCH_LR = {"mocov1": 0.01, "mocov2": 0.01, "vicreg": 0.02}
+# is MoCo's worst case), VICReg's diverges, SwAV's jumps from 4 to 8 at the third step on the digits and
+# wanders back only part of the way, by a path that differs with torch's thread count (0.075 = 0.6 x 32 / 256).
+FIXED_BATCH_LR = {"mocov1": 0.01, "mocov2": 0.01, "vicreg": 0.02, "swav": 0.075}
 
 
 @pytest.mark.parametrize("dataset", ["fake", "digits"])

@@ -301,3 +301,28 @@ def test_the_masked_colour_path_of_accelerators_equals_the_cpus_row_selection(di
     x = geometry(digits[:32], p, spec)
     torch.testing.assert_close(photometric(x, p, spec, masked=True), photometric(x, p, spec, masked=False))
     assert p.blur.any() and not p.blur.all() and p.jitter.any() and not p.jitter.all()
+
+
+@pytest.mark.cuda
+def test_the_executor_on_cuda_makes_the_cpus_views(digits):
+    """Every operation at once on the GPU (its masked colour path, no host synchronisation): the CPU's views,
+    within one grey level where float rounding tips a value over a .5 of the uint8 grid (or, at a rotated
+    crop's edge, a pixel in or out of the black border); the same targets and masks."""
+    specs = [
+        ViewConfig(size=32, copies=2, crop_scale=[0.2, 1.0], rotation=15, translate=0.1, color_jitter=0.8, hue=0.1,
+                   grayscale=0.2, blur=0.5, solarize=0.2),
+        ViewConfig(size=16, copies=2, crop_scale=[0.05, 0.4], color_jitter=0.8, blur=0.5),
+        ViewConfig(size=32, crop_scale=[0.5, 1.0], rotations=[0, 90, 180, 270]),
+        ViewConfig(size=48, crop_scale=[0.7, 1.0], grid=GridConfig(cells=3, patch_size=12)),
+        ViewConfig(size=32, second_size=16, mask=MaskConfig(kind="block", patch_size=8, num_patches=5)),
+    ]  # fmt: skip
+    ex = BatchedViews(specs)
+    seeds = torch.arange(48) * 1_000_003 + 5
+    cpu = ex(digits[:48], seeds)
+    gpu = ex(digits[:48].cuda(), seeds.cuda())
+    for a, b in zip(cpu[0], gpu[0], strict=True):
+        assert b.is_cuda and b.shape == a.shape
+        diff = (a - b.cpu()).abs()
+        assert (diff > 1.001).float().mean() < 1e-3 and diff.mean() < 0.05, (diff.max(), diff.mean())
+    assert torch.equal(cpu[1], gpu[1].cpu())
+    assert cpu[2].keys() == gpu[2].keys() and all(torch.equal(cpu[2][k], gpu[2][k].cpu()) for k in cpu[2])

@@ -100,6 +100,30 @@ def test_decoding_on_the_device_gives_the_views_of_decoding_in_the_workers(jpeg_
         assert torch.equal(a["index"], b["index"])
         for va, vb in zip(a["views"], b["views"], strict=True):
             assert (va - vb).abs().mean() < 0.05
+    # the files' bytes read in worker processes: the same batches
+    workers = _first_batches(_trainer(tmp_path, *common, "data.decode=device", "loader.num_workers=2",
+                                      dataset="imagefolder"))  # fmt: skip
+    for a, b in zip(device, workers, strict=True):
+        assert torch.equal(a["index"], b["index"])
+        assert all(torch.equal(va, vb) for va, vb in zip(a["views"], b["views"], strict=True))
+
+
+@pytest.mark.cuda
+def test_on_cuda_resident_images_and_nvjpeg_give_the_cpus_batches(jpeg_folder, tmp_path):
+    """dataset.cache=device (images on the GPU, the executor there) and data.decode=device (nvJPEG): the batches
+    of the CPU paths, up to float and decoder rounding."""
+    pairs = [
+        (["device=cpu", "dataset.cache=memory"], ["device=cuda", "dataset.cache=device"], "fake"),
+        ([f"dataset.root={jpeg_folder}", "dataset.cache=none", "device=cpu"],
+         [f"dataset.root={jpeg_folder}", "dataset.cache=none", "device=cuda", "data.decode=device"], "imagefolder"),
+    ]  # fmt: skip
+    for on_cpu, on_gpu, dataset in pairs:
+        want = _first_batches(_trainer(tmp_path, *on_cpu, dataset=dataset))
+        got = _first_batches(_trainer(tmp_path, *on_gpu, dataset=dataset))
+        for a, b in zip(want, got, strict=True):
+            assert torch.equal(a["index"], b["index"].cpu())
+            for va, vb in zip(a["views"], b["views"], strict=True):
+                assert vb.is_cuda and (va - vb.cpu()).abs().mean() < 0.05
 
 
 def test_decoding_on_the_device_needs_jpeg_files_of_an_image_folder(jpeg_folder, tmp_path):

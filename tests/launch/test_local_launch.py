@@ -192,7 +192,9 @@ def test_torchrun_launcher_runs_two_workers_in_one_run_dir_like_one_process(tmp_
     trainer = Trainer(compose_cfg([*common, "schedule.batch_size=16"]), tmp_path / "one")
     init = {k: v.clone() for k, v in trainer.algo.state_dict().items()}
     assert trainer.fit().steps == 2
-    for epoch, bound in ((1, 1e-4), (2, 1e-2)):
+    # after step 1 float precision; step 2 amplifies rounding (BatchNorm over 1x1 maps in layer4) by an amount
+    # that depends on the thread counts and images (1.6% seen): 3%, as in tests/test_distributed.py
+    for epoch, bound in ((1, 1e-4), (2, 3e-2)):
         two, ref = _ckpt(run / f"epoch_{epoch:04d}.pt"), _ckpt(tmp_path / "one" / f"epoch_{epoch:04d}.pt")
         assert two["meta"]["world_size"] == 2 and len(two["rng"]) == 2 and ref["meta"]["world_size"] == 1
         assert (two["epoch"], two["step"]) == (ref["epoch"], ref["step"]) == (epoch, epoch)

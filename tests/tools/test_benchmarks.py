@@ -19,6 +19,12 @@ def test_benchmark_data_prints_views_loaders_and_training(capsys):
     assert {"cache=none", "cache=memory"} <= set(modes)
     assert "x per_sample" in out[1] and "% of the synthetic step rate" in out[-1]
     assert all(float(line.split("img/s")[0].split()[-1].replace(",", "")) > 0 for line in out)
+    # --what picks sections: the loaders alone (what the GPU check measures for nvJPEG decoding)
+    benchmark_data.main(["--batches", "2", "--what", "loader", "--", *tiny("simclr"), "device=cpu"])
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["loader", "loader"]
+    with pytest.raises(SystemExit):
+        benchmark_data.main(["--what", "views,speed"])
+    assert "--what views,speed: choose sections from views, loader, train" in capsys.readouterr().err
 
 
 def test_benchmark_step_times_the_step_and_the_lars_step(capsys):
