@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# GPU checks for one lent H100/H200, in phases (default: all, in this order; each logs to $OUT/<step>.out and
-# a summary to $OUT/gpu_check.log):
-#   tests  the CUDA-marked tests (pytest -m cuda): the batched view executor, dataset.cache=device and nvJPEG
-#          against the CPU paths, a compiled run with CUDA graphs against an eager one
-#   data   the data-path targets on CIFAR-10 JPEGs ($CIFAR_TAR): benchmark_data (views per-sample / batched on
-#          CPU and GPU, each dataset.cache, training vs the synthetic step rate); CIFAR-10 epoch seconds of SimCLR
-#          ResNet-18 (CIFAR stem) at batch 512, batched + cache=device against per-sample views in 14 workers;
-#          a 224 px JPEG folder (CIFAR upscaled) with ResNet-50: training vs synthetic, CPU vs nvJPEG decoding
-#   step   training-step throughput on synthetic data, batch 256, 224 px, bf16: SimCLR ResNet-50 and MAE
-#          ViT-B/16, eager / compiled / compiled with CUDA graphs (compile_mode=reduce-overhead)
-#   smoke  SimCLR, ODC and MAE train compiled through the CLI; fp16 + GradScaler; the default run (not in the
-#          default list: the spine's check, run when a session has device time to spare)
-# Usage: OUT=/some/dir bash selfsup/tools/gpu_check.sh [phase ...]   (tests + data ~6 min on an H200, step ~4 min:
-#   run them as two calls, so that a failure of the first leaves time)
+# GPU checks for one lent H100/H200, in phases (default: tests cifar step jpeg224 graphs, in this order; each step
+# logs to $OUT/<step>.out and a summary to $OUT/gpu_check.log):
+#   tests    the CUDA-marked tests (pytest -m cuda): the batched view executor, dataset.cache=device and nvJPEG
+#            against the CPU paths, a compiled run with CUDA graphs against an eager one
+#   cifar    CIFAR-10 JPEGs ($CIFAR_TAR), SimCLR ResNet-18 (CIFAR stem), batch 512: seconds per epoch, compiled,
+#            batched views of resident images (dataset.cache=device) against per-sample views in 14 workers; the
+#            views and loaders alone (benchmark_data: per-sample / batched on CPU and GPU, each dataset.cache)
+#   step     training-step throughput on synthetic data, batch 256, 224 px, bf16, compiled: SimCLR ResNet-50 and
+#            MAE ViT-B/16 (the targets)
+#   jpeg224  a 224 px JPEG folder (CIFAR upscaled) with ResNet-50 through workers: the loader and compiled training
+#            against its synthetic rate (CPU decoding), then the loader with nvJPEG (data.decode=device)
+#   graphs   the step benchmarks again with CUDA graphs (compile_mode=reduce-overhead); the LARS step alone
+#   smoke    SimCLR, ODC and MAE train compiled through the CLI; fp16 + GradScaler; the default run (not in the
+#            default list: the spine's check, run when a session has device time to spare)
+# Usage: OUT=/some/dir bash selfsup/tools/gpu_check.sh [phase ...]. Estimated on an H200 (compiling dominates):
+#   tests ~2 min, cifar ~4, step ~3, jpeg224 ~4, graphs ~3. A call may run 10 minutes and a session has 15 of
+#   device time, start included: run `tests cifar`, then `step jpeg224`, then `graphs` if time is left.
 #   DEVICE=cpu rehearses every command at toy sizes on a CPU (a broken script costs a device session).
 #   CIFAR_TAR: the cifar10-train.tar.gz (default ../shared/data/, else .devdata/ in the repo: the device
 #   machine gets only the repo, so copy it there and carry it).
@@ -23,14 +26,14 @@
 #   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
 # then run with carry [".whl", ".devdata"]:
 #   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD &&
-#   bash selfsup/tools/gpu_check.sh tests data
+#   bash selfsup/tools/gpu_check.sh tests cifar
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu_check}
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 CIFAR_TAR=${CIFAR_TAR:-$( [ -f ../shared/data/cifar10-train.tar.gz ] && echo ../shared/data/cifar10-train.tar.gz || echo .devdata/cifar10-train.tar.gz )}
-PHASES=${*:-tests data step}
+PHASES=${*:-tests cifar step jpeg224 graphs}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 WORK=$(mktemp -d)
@@ -59,21 +62,10 @@ print('epoch seconds:', ' '.join(f\"{x['seconds']:.2f}\" for x in r if x['kind']
 '| img/s:', ' '.join(f\"{x['img_per_s']:,.0f}\" for x in r if x['kind']=='epoch'))" "$1"
 }
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', '$DEVICE')"
-  echo "phases: $PHASES"; } | tee -a "$LOG"
-
-for phase in $PHASES; do
-  case $phase in
-  tests)
-    export SELFSUP_CIFAR_TAR=$CIFAR_TAR
-    step tests_cuda 300 $PY -m pytest -q -m cuda -p no:cacheprovider -rs \
-      tests/data/test_batched.py tests/data/test_data_path.py tests/engine/test_compile.py
-    ;;
-  data)
-    [ -f "$CIFAR_TAR" ] || { echo "data: $CIFAR_TAR not found (set CIFAR_TAR)" | tee -a "$LOG"; continue; }
-    # CIFAR-10 class folders ($PER_CLASS per class), and a 224 px JPEG folder of $BIG images upscaled from them
-    $PY - "$CIFAR_TAR" "$WORK" "$PER_CLASS" "$BIG" "$SIZE224" <<'EOF' 2>&1 | tee -a "$LOG"
+prepare() {  # once: CIFAR-10 class folders ($PER_CLASS per class) and a 224 px folder of $BIG JPEGs upscaled from them
+  [ -d "$WORK/big" ] && return 0
+  [ -f "$CIFAR_TAR" ] || { echo "data: $CIFAR_TAR not found (set CIFAR_TAR)" | tee -a "$LOG"; return 1; }
+  $PY - "$CIFAR_TAR" "$WORK" "$PER_CLASS" "$BIG" "$SIZE224" <<'EOF' 2>&1 | tee -a "$LOG"
 import sys, tarfile, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -101,33 +93,57 @@ with ProcessPoolExecutor() as pool:
     list(pool.map(upscale, range(big), chunksize=64))
 print(f"data: {len(files)} CIFAR-10 JPEGs, {big} JPEGs of {size * 8 // 7} px, in {time.time() - t0:.0f} s")
 EOF
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', '$DEVICE')"
+  echo "phases: $PHASES"; } | tee -a "$LOG"
+
+for phase in $PHASES; do
+  case $phase in
+  tests)
+    export SELFSUP_CIFAR_TAR=$CIFAR_TAR
+    step tests_cuda 300 $PY -m pytest -q -m cuda -p no:cacheprovider -rs \
+      tests/data/test_batched.py tests/data/test_data_path.py tests/engine/test_compile.py
+    ;;
+  cifar)
+    prepare || continue
     CIFAR="dataset=imagefolder dataset.root=$WORK/cifar dataset.image_size=32 backbone=resnet18 backbone.stem=cifar
            device=$DEVICE knn.enabled=false log.progress=false log.tensorboard=false loader.num_workers=$NW"
-    # eager: the views and loaders against per-sample (the ratios), training against the synthetic rate
-    step data_bench_cifar 300 $PY -m selfsup.tools.benchmark_data --batches $BATCHES --compare -- $CIFAR \
-      dataset.cache=device schedule.batch_size=$BS
     # the target: seconds per CIFAR-10 epoch, compiled, batched views of resident images vs per-sample views
-    step data_epochs_batched 300 $PY -m selfsup.train $CIFAR dataset.cache=device schedule.batch_size=$BS \
+    step cifar_epochs_batched 300 $PY -m selfsup.train $CIFAR dataset.cache=device schedule.batch_size=$BS \
       schedule.epochs=$EPOCHS $COMPILE checkpoint.keep=1 hydra.run.dir=$WORK/runs/batched
     epochs "$WORK/runs/batched" 2>&1 | tee -a "$LOG"
-    step data_epochs_per_sample 300 $PY -m selfsup.train $CIFAR data.executor=per_sample schedule.batch_size=$BS \
+    step cifar_epochs_per_sample 300 $PY -m selfsup.train $CIFAR data.executor=per_sample schedule.batch_size=$BS \
       schedule.epochs=1 $COMPILE checkpoint.keep=1 hydra.run.dir=$WORK/runs/per_sample
     epochs "$WORK/runs/per_sample" 2>&1 | tee -a "$LOG"
+    # the views and loaders alone against per-sample (the ratios; kornia and torchvision on a batch beside)
+    step cifar_views_loaders 300 $PY -m selfsup.tools.benchmark_data --batches $BATCHES --compare --what views,loader \
+      -- $CIFAR dataset.cache=device schedule.batch_size=$BS
+    ;;
+  jpeg224)
+    prepare || continue
     # 224 px JPEGs through workers: compiled training vs its synthetic rate; then the loader alone, nvJPEG
     BIG224="dataset=imagefolder dataset.root=$WORK/big dataset.image_size=$SIZE224 $R50 backbone.stem=imagenet
             device=$DEVICE knn.enabled=false log.tensorboard=false loader.num_workers=$NW dataset.cache=none
             schedule.batch_size=$BS224"
-    step data_bench_224_cpu_decode 300 $PY -m selfsup.tools.benchmark_data --batches $BATCHES -- $BIG224 $COMPILE
-    step data_bench_224_nvjpeg 200 $PY -m selfsup.tools.benchmark_data --batches $BATCHES --what loader -- $BIG224 \
-      data.decode=device
+    step jpeg224_train_vs_synthetic 300 $PY -m selfsup.tools.benchmark_data --batches $BATCHES --what loader,train -- \
+      $BIG224 $COMPILE
+    step jpeg224_loader_cpu_vs_nvjpeg 200 $PY -m selfsup.tools.benchmark_data --batches $BATCHES --what loader -- \
+      $BIG224 data.decode=device
     ;;
   step)
     BENCH="dataset=fake dataset.num_samples=512 dataset.image_size=$SIZE224 schedule.batch_size=$BS224 device=$DEVICE"
     SIMCLR="algo=simclr $R50 backbone.stem=imagenet"
     MAE="algo=mae $VITB backbone.patch_size=16"
-    # the targets: compiled (the reference figures are compiled too), then with CUDA graphs
+    # the targets: compiled (the reference figures are compiled too)
     step step_simclr_r50_compiled 300 $PY -m selfsup.tools.benchmark_step $STEPS -- $SIMCLR $BENCH $COMPILE
     step step_mae_vitb_compiled 300 $PY -m selfsup.tools.benchmark_step $STEPS -- $MAE $BENCH $COMPILE
+    ;;
+  graphs)
+    BENCH="dataset=fake dataset.num_samples=512 dataset.image_size=$SIZE224 schedule.batch_size=$BS224 device=$DEVICE"
+    SIMCLR="algo=simclr $R50 backbone.stem=imagenet"
+    MAE="algo=mae $VITB backbone.patch_size=16"
     step step_simclr_r50_graphs 300 $PY -m selfsup.tools.benchmark_step $STEPS -- $SIMCLR $BENCH $COMPILE \
       compile_mode=reduce-overhead
     step step_mae_vitb_graphs 300 $PY -m selfsup.tools.benchmark_step $STEPS -- $MAE $BENCH $COMPILE \
@@ -151,7 +167,7 @@ EOF
     step default_run 300 $PY -m selfsup.train device=$DEVICE loader.num_workers=3 hydra.run.dir=$WORK/runs/default &
     wait
     ;;
-  *) echo "unknown phase $phase (tests, data, step, smoke)" | tee -a "$LOG" ;;
+  *) echo "unknown phase $phase (tests, cifar, step, jpeg224, graphs, smoke)" | tee -a "$LOG" ;;
   esac
 done
 echo "done $(date +%T)" | tee -a "$LOG"
